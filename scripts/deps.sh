@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages mesh-redirect needs to build, test, demo and benchmark.
+# Idempotent: skips apt when every package is already present.
+set -euo pipefail
+
+pkgs=(
+  pkg-config libnftnl-dev libmnl-dev      # build: nftnl-sys / mnl-sys link against these
+  iproute2                                 # tests: ip netns, veth
+  containernetworking-plugins              # tests: the reference bridge/host-local/loopback/portmap
+  nftables                                 # inspect rulesets (never used to apply them)
+  shellcheck                               # lint scripts
+)
+if [ "${MESH_REDIRECT_DEPS_EXTRA:-}" != "" ]; then
+  # shellcheck disable=SC2206
+  pkgs+=(${MESH_REDIRECT_DEPS_EXTRA})
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

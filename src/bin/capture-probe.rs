@@ -1,0 +1,266 @@
+//! capture-probe: a stand-in proxy, app server and client for proving capture with traffic.
+//!
+//! Used by the tests, the demo and by operators checking a pod by hand. Every server answers
+//! each TCP connection with one line saying who answered and what the connection looked like:
+//!
+//!   NAME port=LOCAL_PORT orig=ORIGINAL_DST peer=PEER
+//!
+//! `orig` is `SO_ORIGINAL_DST` (`IP6T_SO_ORIGINAL_DST` for IPv6): for a redirected connection,
+//! the address the client dialled. With `--transparent` (TPROXY) the listener is
+//! `IP_TRANSPARENT` and `orig` is the socket's own address, which TPROXY keeps original.
+//!
+//! Options common to all commands, applied in this order before anything else:
+//!   --netns PATH   enter this network namespace
+//!   --gid N        become this group (also the only supplementary group)
+//!   --uid N        become this user
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::socket::{self, sockopt};
+use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "\
+capture-probe [--netns PATH] [--gid N] [--uid N] COMMAND
+  serve --name NAME --port P [--port P...] [--transparent] [--udp P...]
+        answer TCP connections (IPv4 and IPv6) with one line, until killed; prints `ready`
+        once listening. --udp also echoes UDP datagrams, prefixed with NAME.
+  connect ADDR:PORT [--timeout-ms N]
+        connect, print the server's line; exit 1 if nothing answered
+  udp ADDR:PORT [--timeout-ms N] [--from-port P]
+        send one datagram, print the reply; exit 1 if none";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("capture-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn take(args: &mut Vec<String>, flag: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(i) = args.iter().position(|a| a == flag) {
+        if i + 1 < args.len() {
+            out.push(args.remove(i + 1));
+        }
+        args.remove(i);
+    }
+    out
+}
+
+fn take_bool(args: &mut Vec<String>, flag: &str) -> bool {
+    let had = args.iter().any(|a| a == flag);
+    args.retain(|a| a != flag);
+    had
+}
+
+fn num<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, String> {
+    s.parse().map_err(|_| format!("bad {what}: {s:?}"))
+}
+
+fn run(mut args: Vec<String>) -> Result<(), String> {
+    if let Some(path) = take(&mut args, "--netns").pop() {
+        let f = std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+        setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns {path}: {e}"))?;
+    }
+    if let Some(g) = take(&mut args, "--gid").pop() {
+        let g = Gid::from_raw(num(&g, "gid")?);
+        setgroups(&[g]).map_err(|e| format!("setgroups: {e}"))?;
+        setresgid(g, g, g).map_err(|e| format!("setgid: {e}"))?;
+    }
+    if let Some(u) = take(&mut args, "--uid").pop() {
+        let u = Uid::from_raw(num(&u, "uid")?);
+        setresuid(u, u, u).map_err(|e| format!("setuid: {e}"))?;
+    }
+    let timeout = Duration::from_millis(match take(&mut args, "--timeout-ms").pop() {
+        Some(t) => num(&t, "timeout")?,
+        None => 2000,
+    });
+    let Some(cmd) = args.first().cloned() else {
+        return Err(USAGE.into());
+    };
+    args.remove(0);
+    match cmd.as_str() {
+        "serve" => serve(args),
+        "connect" => {
+            let addr: SocketAddr = num(args.first().ok_or(USAGE)?, "address")?;
+            let mut s = TcpStream::connect_timeout(&addr, timeout)
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            let mut line = String::new();
+            BufReader::new(&mut s)
+                .read_line(&mut line)
+                .map_err(|e| format!("read from {addr}: {e}"))?;
+            if line.is_empty() {
+                return Err(format!("{addr} closed without answering"));
+            }
+            print!("{line}");
+            Ok(())
+        }
+        "udp" => {
+            let addr: SocketAddr = num(args.first().ok_or(USAGE)?, "address")?;
+            let from_port: u16 = match take(&mut args, "--from-port").pop() {
+                Some(p) => num(&p, "port")?,
+                None => 0,
+            };
+            let bind: SocketAddr = match addr {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, from_port).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, from_port).into(),
+            };
+            let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            s.send_to(b"query\n", addr)
+                .map_err(|e| format!("send to {addr}: {e}"))?;
+            let mut buf = [0u8; 1500];
+            let (n, from) = s
+                .recv_from(&mut buf)
+                .map_err(|e| format!("no answer from {addr}: {e}"))?;
+            println!(
+                "{} from={from}",
+                String::from_utf8_lossy(&buf[..n]).trim_end()
+            );
+            Ok(())
+        }
+        _ => Err(USAGE.into()),
+    }
+}
+
+/// The original destination of an accepted connection.
+fn original_dst(s: &TcpStream, transparent: bool) -> String {
+    if transparent {
+        return s
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "-".into());
+    }
+    match s.local_addr() {
+        Ok(SocketAddr::V4(_)) => socket::getsockopt(&s.as_fd(), sockopt::OriginalDst)
+            .map(|a| {
+                let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                SocketAddr::from((ip, u16::from_be(a.sin_port))).to_string()
+            })
+            .unwrap_or_else(|_| "-".into()),
+        Ok(SocketAddr::V6(_)) => socket::getsockopt(&s.as_fd(), sockopt::Ip6tOriginalDst)
+            .map(|a| {
+                let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                format!("[{ip}]:{}", u16::from_be(a.sin6_port))
+            })
+            .unwrap_or_else(|_| "-".into()),
+        Err(_) => "-".into(),
+    }
+}
+
+fn listener(ip: IpAddr, port: u16, transparent: bool) -> Result<TcpListener, String> {
+    use socket::{AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let fam = if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| e.to_string())?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
+    if ip.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(|e| e.to_string())?;
+    }
+    if transparent {
+        // Linux keeps one transparent flag per socket; IP_TRANSPARENT sets it for IPv6 too.
+        socket::setsockopt(&fd, sockopt::IpTransparent, &true)
+            .map_err(|e| format!("IP_TRANSPARENT: {e}"))?;
+    }
+    let addr = SockaddrStorage::from(SocketAddr::new(ip, port));
+    socket::bind(fd.as_raw_fd(), &addr).map_err(|e| format!("bind {ip} port {port}: {e}"))?;
+    socket::listen(&fd, socket::Backlog::new(128).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    Ok(TcpListener::from(fd))
+}
+
+fn serve(mut args: Vec<String>) -> Result<(), String> {
+    let name = take(&mut args, "--name")
+        .pop()
+        .unwrap_or_else(|| "server".into());
+    let transparent = take_bool(&mut args, "--transparent");
+    let ports: Vec<u16> = take(&mut args, "--port")
+        .iter()
+        .map(|p| num(p, "port"))
+        .collect::<Result<_, _>>()?;
+    let udp: Vec<u16> = take(&mut args, "--udp")
+        .iter()
+        .map(|p| num(p, "port"))
+        .collect::<Result<_, _>>()?;
+    let mut threads = Vec::new();
+    for &port in &ports {
+        // IPv6 may be absent (no address yet, or disabled); IPv4 must work.
+        let v6 = listener(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port, transparent);
+        for l in [
+            Some(listener(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                port,
+                transparent,
+            )?),
+            v6.ok(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let name = name.clone();
+            threads.push(std::thread::spawn(move || {
+                for conn in l.incoming().flatten() {
+                    let line = format!(
+                        "{name} port={} orig={} peer={}\n",
+                        conn.local_addr().map(|a| a.port()).unwrap_or(0),
+                        original_dst(&conn, transparent),
+                        conn.peer_addr()
+                            .map(|a| a.to_string())
+                            .unwrap_or_else(|_| "-".into()),
+                    );
+                    let mut conn = conn;
+                    let _ = conn.write_all(line.as_bytes());
+                    let _ = conn.shutdown(std::net::Shutdown::Write);
+                    // Drain so the client sees a clean close.
+                    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                    let _ = conn.read(&mut [0u8; 64]);
+                }
+            }));
+        }
+    }
+    for &port in &udp {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ] {
+            let Ok(s) = UdpSocket::bind(SocketAddr::new(ip, port)) else {
+                continue;
+            };
+            if ip.is_ipv6() {
+                let _ = socket::setsockopt(&s, sockopt::Ipv6V6Only, &true);
+            }
+            let name = name.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let reply = format!(
+                        "{name} udp-port={port} got={}",
+                        String::from_utf8_lossy(&buf[..n]).trim_end()
+                    );
+                    let _ = s.send_to(reply.as_bytes(), from);
+                }
+            }));
+        }
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}

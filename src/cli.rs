@@ -1,0 +1,166 @@
+//! The command-line face: `plan`, `version`, `install`, `uninstall`.
+
+use crate::config::{self, Annotations, PluginConfig};
+use crate::policy::{self, Decision, Pod};
+use crate::{nft_text, ruleset};
+use serde_json::Value;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+mesh-redirect: chained CNI plugin installing service-mesh traffic capture as nftables
+
+As a CNI plugin (CNI_COMMAND set) it reads the network configuration on stdin.
+As a command:
+  mesh-redirect plan --config FILE [--annotations FILE] [--namespace NS]
+      Print the ruleset ADD would install for a pod, in `nft -f` syntax (check it with
+      `nft -c -f -`), or why the pod would not be captured.
+      --config       the mesh-redirect conflist entry (or a whole conflist) as JSON
+      --annotations  the pod's annotations: a JSON object, or a pod from `kubectl get -o json`
+      --namespace    the pod's namespace (for excludeNamespaces)
+  mesh-redirect version
+  mesh-redirect help";
+
+/// Runs a CLI command; returns the process exit code.
+pub fn main(args: Vec<String>) -> ExitCode {
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match cmd.as_str() {
+        "plan" => plan(rest),
+        "version" | "--version" | "-V" => {
+            println!("mesh-redirect {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "CNI versions: {}",
+                crate::protocol::SUPPORTED_VERSIONS.join(", ")
+            );
+            Ok(())
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(CliError::Usage(format!("unknown command {other:?}"))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Usage(m)) => {
+            eprintln!("mesh-redirect: {m}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Failed(m)) => {
+            eprintln!("mesh-redirect: {m}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum CliError {
+    Usage(String),
+    Failed(String),
+}
+
+/// Parses `--flag value` pairs; every flag must be in `known`.
+pub fn flags(args: &[String], known: &[&str]) -> Result<Vec<(String, String)>, CliError> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (name, value) = match a.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        if !known.contains(&name.as_str()) {
+            return Err(CliError::Usage(format!("unknown option {name:?}")));
+        }
+        let value = match value {
+            Some(v) => v,
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| CliError::Usage(format!("{name} needs a value")))?,
+        };
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+fn flag<'a>(f: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    f.iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn read_json(path: &str) -> Result<Value, CliError> {
+    let text =
+        std::fs::read(path).map_err(|e| CliError::Failed(format!("cannot read {path}: {e}")))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| CliError::Failed(format!("{path} is not valid JSON: {e}")))
+}
+
+/// The mesh-redirect entry: the object itself, or the `mesh-redirect` plugin of a conflist.
+fn plugin_entry(v: Value) -> Result<serde_json::Map<String, Value>, CliError> {
+    let Value::Object(mut m) = v else {
+        return Err(CliError::Failed("the config must be a JSON object".into()));
+    };
+    if let Some(Value::Array(plugins)) = m.remove("plugins") {
+        return plugins
+            .into_iter()
+            .filter_map(|p| match p {
+                Value::Object(o) => Some(o),
+                _ => None,
+            })
+            .find(|p| p.get("type").and_then(Value::as_str) == Some("mesh-redirect"))
+            .ok_or_else(|| {
+                CliError::Failed("the conflist has no plugin of type \"mesh-redirect\"".into())
+            });
+    }
+    Ok(m)
+}
+
+/// Annotations from a JSON object of strings, or from a pod's `metadata.annotations`.
+fn annotations(v: Value) -> Result<Annotations, CliError> {
+    let v = match v.pointer("/metadata/annotations") {
+        Some(a) => a.clone(),
+        None => v,
+    };
+    let Value::Object(m) = v else {
+        return Err(CliError::Failed("annotations must be a JSON object".into()));
+    };
+    m.into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => Ok((k, s)),
+            _ => Err(CliError::Failed(format!(
+                "annotation {k:?} must be a string"
+            ))),
+        })
+        .collect()
+}
+
+fn plan(args: &[String]) -> Result<(), CliError> {
+    let f = flags(args, &["--config", "--annotations", "--namespace"])?;
+    let conf = plugin_entry(read_json(
+        flag(&f, "--config").ok_or_else(|| CliError::Usage("plan needs --config".into()))?,
+    )?)?;
+    let cfg = PluginConfig::from_conf(&conf).map_err(|e| CliError::Failed(e.msg))?;
+    let ann = match flag(&f, "--annotations") {
+        Some(p) => annotations(read_json(p)?)?,
+        // Without a file, the annotations embedded in the config's runtimeConfig, if any.
+        None => config::pod_annotations(&conf)
+            .map_err(|e| CliError::Failed(e.msg))?
+            .unwrap_or_default(),
+    };
+    let pod = Pod {
+        namespace: flag(&f, "--namespace"),
+        name: None,
+        annotations: Some(&ann),
+    };
+    match policy::decide(&cfg, &pod)
+        .map_err(|e| CliError::Failed(format!("{} (CNI code {})", e.msg, e.code)))?
+    {
+        Decision::Skip(why) => println!("# not captured: {why}"),
+        Decision::Capture(p) => print!("{}", nft_text::render(&ruleset::build(&p))),
+    }
+    Ok(())
+}

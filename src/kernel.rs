@@ -1,0 +1,673 @@
+//! Kernel: compiles a [`Ruleset`] to nftables netlink objects and applies, deletes or checks
+//! table `inet mesh_redirect` over one netfilter socket.
+//!
+//! The socket belongs to the network namespace it was opened in; the caller opens it inside the
+//! pod's namespace (see `netns`). Replacing is one batch (add table, delete it, add the new one
+//! with everything in it), so the kernel commits all of it or none of it.
+
+use crate::nft_text;
+use crate::nftnl_ext::{
+    self, CtZoneSet, Elem, KeyType, Lookup, NamedSet, Redir, SocketTransparent, Tproxy,
+};
+use crate::ruleset::{
+    Action, ChainKind, Cmp, Elems, Family, HookPoint, L4, Match, Rule as IrRule, Ruleset, TABLE,
+};
+use nftnl::expr::{self, CmpOp, Immediate, Meta, Payload, Register, Verdict};
+use nftnl::nftnl_sys::libc;
+use nftnl::{
+    Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule, Table,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
+use std::io;
+use std::net::IpAddr;
+
+const FAMILY: ProtoFamily = ProtoFamily::Inet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot open a netfilter netlink socket: {0}")]
+    Socket(io::Error),
+    #[error("kernel refused the ruleset at {what}: {err}")]
+    Refused { what: String, err: io::Error },
+    #[error("netlink conversation with the kernel failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl KernelError {
+    /// True for the errors worth retrying (a busy or slow kernel), CNI code 11.
+    pub fn is_transient(&self) -> bool {
+        let e = match self {
+            KernelError::Refused { err, .. } | KernelError::Io(err) | KernelError::Socket(err) => {
+                err
+            }
+        };
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EAGAIN | libc::EBUSY | libc::EINTR | libc::ENOBUFS)
+        )
+    }
+}
+
+fn cstring(s: &str) -> CString {
+    // Names come from our own constants and validated interface names: no NUL inside.
+    CString::new(s.replace('\0', "")).unwrap_or_default()
+}
+
+/// Key type, interval flag and netlink elements of a set.
+pub fn encode_elems(e: &Elems) -> (KeyType, bool, Vec<Elem>) {
+    match e {
+        Elems::V4(nets) => {
+            let ranges = nets.iter().map(|n| {
+                (
+                    u32::from(n.network()) as u128,
+                    u32::from(n.broadcast()) as u128,
+                )
+            });
+            (
+                KeyType::Ipv4Addr,
+                true,
+                intervals(ranges, u32::MAX as u128, 4),
+            )
+        }
+        Elems::V6(nets) => {
+            let ranges = nets
+                .iter()
+                .map(|n| (u128::from(n.network()), u128::from(n.broadcast())));
+            (KeyType::Ipv6Addr, true, intervals(ranges, u128::MAX, 16))
+        }
+        Elems::Ports(ports) => (
+            KeyType::InetService,
+            false,
+            ports
+                .iter()
+                .map(|p| Elem {
+                    key: p.to_be_bytes().to_vec(),
+                    interval_end: false,
+                })
+                .collect(),
+        ),
+        Elems::Ifnames(names) => (
+            KeyType::Ifname,
+            false,
+            names
+                .iter()
+                .map(|n| Elem {
+                    key: ifname_key(n),
+                    interval_end: false,
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// `IFNAMSIZ` bytes, NUL-padded, as the kernel compares interface names.
+fn ifname_key(name: &str) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.resize(16, 0);
+    k
+}
+
+/// Encodes inclusive ranges the way nft does for an interval set: merged, each as a start key
+/// and an exclusive-end key flagged `INTERVAL_END`, with an end marker at 0 when the first range
+/// does not start there, and no end key for a range reaching the top of the key space.
+fn intervals(ranges: impl Iterator<Item = (u128, u128)>, max: u128, len: usize) -> Vec<Elem> {
+    let mut sorted: Vec<(u128, u128)> = ranges.collect();
+    sorted.sort();
+    let mut merged: Vec<(u128, u128)> = Vec::new();
+    for (s, e) in sorted {
+        match merged.last_mut() {
+            Some(last) if last.1 == max || s <= last.1 + 1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let key = |v: u128| v.to_be_bytes()[16 - len..].to_vec();
+    let mut out = Vec::new();
+    if merged.first().is_some_and(|&(s, _)| s != 0) {
+        out.push(Elem {
+            key: key(0),
+            interval_end: true,
+        });
+    }
+    for (s, e) in merged {
+        out.push(Elem {
+            key: key(s),
+            interval_end: false,
+        });
+        if e != max {
+            out.push(Elem {
+                key: key(e + 1),
+                interval_end: true,
+            });
+        }
+    }
+    out
+}
+
+fn make_chain<'t>(table: &'t Table, c: &crate::ruleset::Chain) -> Chain<'t> {
+    let mut chain = Chain::new(cstring(c.name), table);
+    if let Some(h) = c.hook {
+        let point = match h.point {
+            HookPoint::Prerouting => Hook::PreRouting,
+            HookPoint::Output => Hook::Out,
+        };
+        chain.set_hook(point, h.priority);
+        chain.set_type(match h.kind {
+            ChainKind::Nat => ChainType::Nat,
+            ChainKind::Filter => ChainType::Filter,
+            ChainKind::Route => ChainType::Route,
+        });
+        chain.set_policy(Policy::Accept);
+    }
+    chain
+}
+
+fn nfproto(f: Family) -> u8 {
+    match f {
+        Family::V4 => libc::NFPROTO_IPV4 as u8,
+        Family::V6 => libc::NFPROTO_IPV6 as u8,
+    }
+}
+
+fn cmp_op(c: Cmp) -> CmpOp {
+    match c {
+        Cmp::Eq => CmpOp::Eq,
+        Cmp::Ne => CmpOp::Neq,
+    }
+}
+
+fn addr_payload(a: &IpAddr, src: bool) -> Payload {
+    use expr::{Ipv4HeaderField as F4, Ipv6HeaderField as F6, NetworkHeaderField as N};
+    Payload::Network(match (a, src) {
+        (IpAddr::V4(_), true) => N::Ipv4(F4::Saddr),
+        (IpAddr::V4(_), false) => N::Ipv4(F4::Daddr),
+        (IpAddr::V6(_), true) => N::Ipv6(F6::Saddr),
+        (IpAddr::V6(_), false) => N::Ipv6(F6::Daddr),
+    })
+}
+
+fn daddr_payload(f: Family) -> Payload {
+    addr_payload(
+        &match f {
+            Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        },
+        false,
+    )
+}
+
+/// `th dport`: TCP and UDP keep the destination port at the same offset.
+fn dport_payload() -> Payload {
+    Payload::Transport(expr::TransportHeaderField::Tcp(expr::TcpHeaderField::Dport))
+}
+
+fn cmp_bytes(rule: &mut Rule, c: Cmp, data: &[u8]) {
+    rule.add_expr(&expr::Cmp::new(cmp_op(c), data));
+}
+
+/// Set name → (id in this transaction, for lookups).
+type SetIds = BTreeMap<&'static str, u32>;
+
+fn lookup(ids: &SetIds, name: &'static str) -> Lookup {
+    Lookup::new(&cstring(name), ids.get(name).copied().unwrap_or(0), false)
+}
+
+/// Compiles one rule into netlink expressions.
+fn compile_rule<'c>(chain: &'c Chain<'c>, r: &IrRule, ids: &SetIds) -> Rule<'c> {
+    let mut rule = Rule::new(chain);
+    for m in &r.matches {
+        match m {
+            Match::NfProto(f) => {
+                rule.add_expr(&Meta::NfProto);
+                cmp_bytes(&mut rule, Cmp::Eq, &[nfproto(*f)]);
+            }
+            Match::L4Proto(p) => {
+                rule.add_expr(&Meta::L4Proto);
+                let proto = match p {
+                    L4::Tcp => libc::IPPROTO_TCP,
+                    L4::Udp => libc::IPPROTO_UDP,
+                };
+                cmp_bytes(&mut rule, Cmp::Eq, &[proto as u8]);
+            }
+            Match::Iifname(n) | Match::Oifname(n) => {
+                rule.add_expr(if matches!(m, Match::Iifname(_)) {
+                    &Meta::IifName
+                } else {
+                    &Meta::OifName
+                });
+                cmp_bytes(&mut rule, Cmp::Eq, &ifname_key(n));
+            }
+            Match::IifnameIn(s) | Match::OifnameIn(s) => {
+                rule.add_expr(if matches!(m, Match::IifnameIn(_)) {
+                    &Meta::IifName
+                } else {
+                    &Meta::OifName
+                });
+                rule.add_expr(&lookup(ids, s));
+            }
+            Match::Saddr(a) => {
+                rule.add_expr(&addr_payload(a, true));
+                cmp_bytes(&mut rule, Cmp::Eq, &ip_bytes(a));
+            }
+            Match::Daddr(c, a) => {
+                rule.add_expr(&addr_payload(a, false));
+                cmp_bytes(&mut rule, *c, &ip_bytes(a));
+            }
+            Match::DaddrIn(f, s) => {
+                rule.add_expr(&daddr_payload(*f));
+                rule.add_expr(&lookup(ids, s));
+            }
+            Match::Dport(c, p) => {
+                rule.add_expr(&dport_payload());
+                cmp_bytes(&mut rule, *c, &p.to_be_bytes());
+            }
+            Match::DportIn(s) => {
+                rule.add_expr(&dport_payload());
+                rule.add_expr(&lookup(ids, s));
+            }
+            Match::SkUid(c, id) | Match::SkGid(c, id) => {
+                rule.add_expr(if matches!(m, Match::SkUid(..)) {
+                    &Meta::SkUid
+                } else {
+                    &Meta::SkGid
+                });
+                cmp_bytes(&mut rule, *c, &id.to_ne_bytes());
+            }
+            Match::Mark(mark) => {
+                rule.add_expr(&Meta::Mark { set: false });
+                cmp_bytes(&mut rule, Cmp::Eq, &mark.to_ne_bytes());
+            }
+            Match::SocketTransparent => {
+                rule.add_expr(&SocketTransparent);
+                cmp_bytes(&mut rule, Cmp::Eq, &[1]);
+            }
+        }
+    }
+    let set_mark = |rule: &mut Rule, mark: u32| {
+        rule.add_expr(&Immediate::new(mark.to_ne_bytes(), Register::Reg1));
+        rule.add_expr(&Meta::Mark { set: true });
+    };
+    match &r.action {
+        Action::Return => rule.add_expr(&Verdict::Return),
+        Action::Accept => rule.add_expr(&Verdict::Accept),
+        Action::Jump(c) => rule.add_expr(&Verdict::Jump { chain: cstring(c) }),
+        Action::Redirect(port) => {
+            rule.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg1));
+            rule.add_expr(&Redir {
+                port: Register::Reg1,
+            });
+        }
+        Action::Tproxy { family, port, mark } => {
+            set_mark(&mut rule, *mark);
+            rule.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg1));
+            rule.add_expr(&Tproxy {
+                nfproto: nfproto(*family) as u32,
+                port: Register::Reg1,
+            });
+        }
+        Action::SetMarkAccept(mark) => {
+            set_mark(&mut rule, *mark);
+            rule.add_expr(&Verdict::Accept);
+        }
+        Action::SaveMark => {
+            rule.add_expr(&Meta::Mark { set: false });
+            rule.add_expr(&expr::Conntrack::Mark { set: true });
+        }
+        Action::RestoreMark => {
+            rule.add_expr(&expr::Conntrack::Mark { set: false });
+            rule.add_expr(&Meta::Mark { set: true });
+        }
+        Action::CtZone(zone) => {
+            rule.add_expr(&Immediate::new(zone.to_ne_bytes(), Register::Reg1));
+            rule.add_expr(&CtZoneSet);
+        }
+    }
+    if !r.comment.is_empty() {
+        // Comments are ours and short; a failure would only lose the comment.
+        let _ = rule.set_comment(cstring(r.comment));
+    }
+    rule
+}
+
+fn ip_bytes(a: &IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+/// A built batch and, for each message in it, what it is (for error messages).
+struct Built {
+    batch: FinalizedBatch,
+    what: Vec<String>,
+}
+
+impl Built {
+    /// The sequence numbers of our messages (without the batch begin/end markers).
+    fn message_seqs(&self) -> std::ops::Range<u32> {
+        let all = self.batch.sequence_numbers();
+        let n = self.what.len() as u32;
+        // Kernels >= 6.10 also ACK the begin/end markers, and the crate numbers them then.
+        let start = if all.end - all.start == n + 2 {
+            all.start + 1
+        } else {
+            all.start
+        };
+        start..start + n
+    }
+
+    fn describe(&self, seq: u32) -> String {
+        let start = self.message_seqs().start;
+        seq.checked_sub(start)
+            .and_then(|i| self.what.get(i as usize))
+            .cloned()
+            .unwrap_or_else(|| format!("message {seq}"))
+    }
+}
+
+fn set_ids(rs: &Ruleset) -> SetIds {
+    rs.sets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name, i as u32 + 1))
+        .collect()
+}
+
+/// add table; delete table (whatever was there); then the whole new table.
+fn replace_batch(rs: &Ruleset) -> Built {
+    let table = Table::new(cstring(TABLE), FAMILY);
+    let mut batch = Batch::new();
+    let mut what = Vec::new();
+    batch.add(&table, MsgType::Add);
+    what.push(format!("table inet {TABLE} (make sure it exists)"));
+    batch.add(&table, MsgType::Del);
+    what.push(format!("table inet {TABLE} (delete the old one)"));
+    batch.add(&table, MsgType::Add);
+    what.push(format!("table inet {TABLE}"));
+    let ids = set_ids(rs);
+    for s in &rs.sets {
+        let (key, interval, elems) = encode_elems(&s.elems);
+        let id = ids.get(s.name).copied().unwrap_or(0);
+        let mut set = NamedSet::new(&table, &cstring(s.name), id, key, interval);
+        for e in &elems {
+            set.add(e);
+        }
+        batch.add(&set, MsgType::Add);
+        what.push(format!("set {}", s.name));
+        let msgs = set.elem_msgs();
+        let mut part = 1;
+        while msgs.has_more() {
+            batch.add(&msgs, MsgType::Add);
+            what.push(format!("elements of set {} (message {part})", s.name));
+            part += 1;
+        }
+    }
+    let chains: Vec<Chain> = rs.chains.iter().map(|c| make_chain(&table, c)).collect();
+    for (c, chain) in rs.chains.iter().zip(&chains) {
+        batch.add(chain, MsgType::Add);
+        what.push(format!("chain {}", c.name));
+    }
+    for (c, chain) in rs.chains.iter().zip(&chains) {
+        for (i, r) in c.rules.iter().enumerate() {
+            batch.add(&compile_rule(chain, r, &ids), MsgType::Add);
+            what.push(format!(
+                "rule {} of chain {} (`{}`)",
+                i + 1,
+                c.name,
+                nft_text::rule(r)
+            ));
+        }
+    }
+    Built {
+        batch: batch.finalize(),
+        what,
+    }
+}
+
+fn delete_batch() -> Built {
+    let table = Table::new(cstring(TABLE), FAMILY);
+    let mut batch = Batch::new();
+    batch.add(&table, MsgType::Add);
+    batch.add(&table, MsgType::Del);
+    Built {
+        batch: batch.finalize(),
+        what: vec![
+            format!("table inet {TABLE} (make sure it exists)"),
+            format!("table inet {TABLE} (delete)"),
+        ],
+    }
+}
+
+/// The netfilter socket of one network namespace.
+pub struct Kernel {
+    sock: nftnl_ext::Socket,
+}
+
+impl Kernel {
+    /// Opens the socket in the calling thread's current network namespace.
+    pub fn open() -> Result<Kernel, KernelError> {
+        Ok(Kernel {
+            sock: nftnl_ext::Socket::open().map_err(KernelError::Socket)?,
+        })
+    }
+
+    fn send(&mut self, built: &Built) -> Result<(), KernelError> {
+        let errors = self.sock.send_batch(&built.batch, built.message_seqs())?;
+        match errors.into_iter().next() {
+            None => Ok(()),
+            Some(e) => Err(KernelError::Refused {
+                what: built.describe(e.seq),
+                err: e.err,
+            }),
+        }
+    }
+
+    /// Installs `rs` as table `inet mesh_redirect`, replacing any previous one, atomically.
+    pub fn replace(&mut self, rs: &Ruleset) -> Result<(), KernelError> {
+        self.send(&replace_batch(rs))
+    }
+
+    /// Deletes the table if it exists. Idempotent.
+    pub fn delete(&mut self) -> Result<(), KernelError> {
+        self.send(&delete_batch())
+    }
+
+    pub fn table_exists(&mut self) -> Result<bool, KernelError> {
+        Ok(self.sock.table_exists(FAMILY as u16, TABLE)?)
+    }
+
+    /// Compares the kernel's table with `rs`. Returns what differs (empty: identical).
+    pub fn diff(&mut self, rs: &Ruleset) -> Result<Vec<String>, KernelError> {
+        if !self.table_exists()? {
+            return Ok(vec![format!("table inet {TABLE} is missing")]);
+        }
+        let fam = FAMILY as u16;
+        let mut diffs = Vec::new();
+        self.diff_chains(rs, &mut diffs)?;
+        // Sets.
+        let have_sets = self.sock.sets(fam, TABLE)?;
+        for s in &rs.sets {
+            let (key, interval, want) = encode_elems(&s.elems);
+            let Some(info) = have_sets.iter().find(|h| h.name == s.name) else {
+                diffs.push(format!("set {} is missing", s.name));
+                continue;
+            };
+            let want_interval = if interval {
+                libc::NFT_SET_INTERVAL as u32
+            } else {
+                0
+            };
+            if info.key_type != key.type_id()
+                || info.key_len != key.len()
+                || info.flags & libc::NFT_SET_INTERVAL as u32 != want_interval
+            {
+                diffs.push(format!("set {} has the wrong type or flags", s.name));
+                continue;
+            }
+            let have: BTreeSet<Elem> = self
+                .sock
+                .set_elems(fam, TABLE, s.name)?
+                .into_iter()
+                .collect();
+            let want: BTreeSet<Elem> = want.into_iter().collect();
+            if have != want {
+                let missing = want.difference(&have).count();
+                let extra = have.difference(&want).count();
+                diffs.push(format!(
+                    "set {} elements differ: {missing} expected element key(s) missing, {extra} unexpected (expected {} elements from the plan)",
+                    s.name,
+                    s.elems.len()
+                ));
+            }
+        }
+        for h in &have_sets {
+            if rs.set(&h.name).is_none() {
+                diffs.push(format!("unexpected set {}", h.name));
+            }
+        }
+        self.diff_rules(rs, &mut diffs)?;
+        Ok(diffs)
+    }
+
+    fn diff_chains(&mut self, rs: &Ruleset, diffs: &mut Vec<String>) -> Result<(), KernelError> {
+        let have = self.sock.chains(FAMILY as u16, TABLE)?;
+        let table = Table::new(cstring(TABLE), FAMILY);
+        for c in &rs.chains {
+            let Some(h) = have.iter().find(|h| h.name == c.name) else {
+                diffs.push(format!("chain {} is missing", c.name));
+                continue;
+            };
+            let want = c.hook.map(|hk| {
+                let num = match hk.point {
+                    HookPoint::Prerouting => libc::NF_INET_PRE_ROUTING,
+                    HookPoint::Output => libc::NF_INET_LOCAL_OUT,
+                } as u32;
+                let kind = match hk.kind {
+                    ChainKind::Nat => "nat",
+                    ChainKind::Filter => "filter",
+                    ChainKind::Route => "route",
+                };
+                (num, hk.priority, kind.to_string())
+            });
+            if h.hook != want {
+                diffs.push(format!(
+                    "chain {} has the wrong hook, type or priority",
+                    c.name
+                ));
+            }
+        }
+        drop(table);
+        for h in &have {
+            if !rs.chains.iter().any(|c| c.name == h.name) {
+                diffs.push(format!("unexpected chain {}", h.name));
+            }
+        }
+        Ok(())
+    }
+
+    fn diff_rules(&mut self, rs: &Ruleset, diffs: &mut Vec<String>) -> Result<(), KernelError> {
+        let have = self.sock.rules(FAMILY as u16, TABLE)?;
+        let table = Table::new(cstring(TABLE), FAMILY);
+        let ids = set_ids(rs);
+        for c in &rs.chains {
+            let chain = make_chain(&table, c);
+            let want: Vec<Vec<String>> = c
+                .rules
+                .iter()
+                .map(|r| nftnl_ext::render_rule(&compile_rule(&chain, r, &ids)))
+                .collect();
+            let got: Vec<&Vec<String>> = have
+                .iter()
+                .filter(|r| r.chain == c.name)
+                .map(|r| &r.exprs)
+                .collect();
+            if got.iter().copied().eq(want.iter()) {
+                continue;
+            }
+            let mut unmatched: Vec<&Vec<String>> = got.clone();
+            for (i, w) in want.iter().enumerate() {
+                match unmatched.iter().position(|g| *g == w) {
+                    Some(p) => {
+                        unmatched.remove(p);
+                    }
+                    None => diffs.push(format!(
+                        "chain {}: rule {} is missing: {}",
+                        c.name,
+                        i + 1,
+                        nft_text::rule(&c.rules[i])
+                    )),
+                }
+            }
+            for g in &unmatched {
+                diffs.push(format!("chain {}: unexpected rule {}", c.name, g.join(" ")));
+            }
+            if unmatched.is_empty() && got.len() == want.len() {
+                diffs.push(format!("chain {}: rules are in the wrong order", c.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elem(key: &[u8], end: bool) -> Elem {
+        Elem {
+            key: key.to_vec(),
+            interval_end: end,
+        }
+    }
+
+    #[test]
+    fn v4_intervals_match_nft_encoding() {
+        // nft encodes { 10.0.0.0/8, 172.16.0.0/12, 192.168.1.1 } exactly like this.
+        let nets = ["10.0.0.0/8", "172.16.0.0/12", "192.168.1.1/32"].map(|s| s.parse().unwrap());
+        let (k, interval, e) = encode_elems(&Elems::V4(nets.to_vec()));
+        assert_eq!((k, interval), (KeyType::Ipv4Addr, true));
+        assert_eq!(
+            e,
+            vec![
+                elem(&[0, 0, 0, 0], true),
+                elem(&[10, 0, 0, 0], false),
+                elem(&[11, 0, 0, 0], true),
+                elem(&[172, 16, 0, 0], false),
+                elem(&[172, 32, 0, 0], true),
+                elem(&[192, 168, 1, 1], false),
+                elem(&[192, 168, 1, 2], true),
+            ]
+        );
+    }
+
+    #[test]
+    fn adjacent_and_full_ranges_merge() {
+        let nets = ["11.0.0.0/8", "12.0.0.0/8"].map(|s| s.parse().unwrap());
+        let (_, _, e) = encode_elems(&Elems::V4(nets.to_vec()));
+        assert_eq!(
+            e,
+            vec![
+                elem(&[0; 4], true),
+                elem(&[11, 0, 0, 0], false),
+                elem(&[13, 0, 0, 0], true)
+            ]
+        );
+        let (_, _, e) = encode_elems(&Elems::V4(vec!["0.0.0.0/0".parse().unwrap()]));
+        assert_eq!(e, vec![elem(&[0; 4], false)]);
+        let (_, _, e) = encode_elems(&Elems::V6(vec!["::/0".parse().unwrap()]));
+        assert_eq!(e, vec![elem(&[0; 16], false)]);
+        let (_, _, e) = encode_elems(&Elems::V4(vec!["255.255.255.255/32".parse().unwrap()]));
+        assert_eq!(e, vec![elem(&[0; 4], true), elem(&[255; 4], false)]);
+    }
+
+    #[test]
+    fn ports_and_ifnames() {
+        let (k, interval, e) = encode_elems(&Elems::Ports(vec![80, 15020]));
+        assert_eq!((k, interval), (KeyType::InetService, false));
+        assert_eq!(e, vec![elem(&[0, 80], false), elem(&[0x3a, 0xac], false)]);
+        let (k, _, e) = encode_elems(&Elems::Ifnames(vec!["eth1".into()]));
+        assert_eq!(k, KeyType::Ifname);
+        assert_eq!(e[0].key.len(), 16);
+        assert_eq!(&e[0].key[..5], b"eth1\0");
+    }
+}

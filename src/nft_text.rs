@@ -1,0 +1,167 @@
+//! Renders a [`Ruleset`] in `nft -f` syntax: what `mesh-redirect plan` prints and what error
+//! and CHECK messages quote. A user can paste it into `nft -c -f -` to have nft validate it.
+
+use crate::ruleset::{
+    Action, Chain, ChainKind, Cmp, Elems, Family, HookPoint, L4, Match, Rule, Ruleset, Set, TABLE,
+};
+use std::fmt::Write;
+use std::net::IpAddr;
+
+fn family_kw(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn addr_kw(a: &IpAddr) -> &'static str {
+    match a {
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(_) => "ip6",
+    }
+}
+
+fn l4_kw(p: L4) -> &'static str {
+    match p {
+        L4::Tcp => "tcp",
+        L4::Udp => "udp",
+    }
+}
+
+fn op(c: Cmp) -> &'static str {
+    match c {
+        Cmp::Eq => "",
+        Cmp::Ne => "!= ",
+    }
+}
+
+/// One rule, e.g. `meta l4proto tcp tcp dport 15008 return comment "…"`.
+pub fn rule(r: &Rule) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    // The transport keyword for port matches: the rule's l4proto if it has one, else `th`
+    // (the chain is only entered for TCP and UDP, which share the port offset).
+    let mut l4 = "th";
+    for m in &r.matches {
+        parts.push(match m {
+            Match::NfProto(f) => format!("meta nfproto {}", family_name(*f)),
+            Match::L4Proto(p) => {
+                l4 = l4_kw(*p);
+                format!("meta l4proto {}", l4_kw(*p))
+            }
+            Match::Iifname(n) => format!("iifname \"{n}\""),
+            Match::Oifname(n) => format!("oifname \"{n}\""),
+            Match::IifnameIn(s) => format!("iifname @{s}"),
+            Match::OifnameIn(s) => format!("oifname @{s}"),
+            Match::Saddr(a) => format!("{} saddr {a}", addr_kw(a)),
+            Match::Daddr(c, a) => format!("{} daddr {}{a}", addr_kw(a), op(*c)),
+            Match::DaddrIn(f, s) => format!("{} daddr @{s}", family_kw(*f)),
+            Match::Dport(c, p) => format!("{l4} dport {}{p}", op(*c)),
+            Match::DportIn(s) => format!("{l4} dport @{s}"),
+            Match::SkUid(c, u) => format!("meta skuid {}{u}", op(*c)),
+            Match::SkGid(c, g) => format!("meta skgid {}{g}", op(*c)),
+            Match::Mark(m) => format!("meta mark {m:#010x}"),
+            Match::SocketTransparent => "socket transparent 1".to_string(),
+        });
+    }
+    parts.push(match &r.action {
+        Action::Return => "return".into(),
+        Action::Accept => "accept".into(),
+        Action::Jump(c) => format!("jump {c}"),
+        Action::Redirect(p) => format!("redirect to :{p}"),
+        Action::Tproxy { family, port, mark } => {
+            format!(
+                "meta mark set {mark:#010x} tproxy {} to :{port}",
+                family_kw(*family)
+            )
+        }
+        Action::SetMarkAccept(m) => format!("meta mark set {m:#010x} accept"),
+        Action::SaveMark => "ct mark set meta mark".into(),
+        Action::RestoreMark => "meta mark set ct mark".into(),
+        Action::CtZone(z) => format!("ct zone set {z}"),
+    });
+    if !r.comment.is_empty() {
+        parts.push(format!("comment \"{}\"", r.comment));
+    }
+    parts.join(" ")
+}
+
+fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    }
+}
+
+fn set(out: &mut String, s: &Set) {
+    let (ty, interval, elems): (&str, bool, Vec<String>) = match &s.elems {
+        Elems::V4(v) => ("ipv4_addr", true, v.iter().map(|n| n.to_string()).collect()),
+        Elems::V6(v) => ("ipv6_addr", true, v.iter().map(|n| n.to_string()).collect()),
+        Elems::Ports(v) => (
+            "inet_service",
+            false,
+            v.iter().map(|p| p.to_string()).collect(),
+        ),
+        Elems::Ifnames(v) => (
+            "ifname",
+            false,
+            v.iter().map(|n| format!("\"{n}\"")).collect(),
+        ),
+    };
+    let _ = writeln!(out, "\tset {} {{", s.name);
+    let _ = writeln!(out, "\t\ttype {ty}");
+    if interval {
+        let _ = writeln!(out, "\t\tflags interval");
+    }
+    // Eight elements per line keeps 5,000-element sets readable and diffable.
+    let lines: Vec<String> = elems.chunks(8).map(|c| c.join(", ")).collect();
+    let _ = writeln!(out, "\t\telements = {{ {} }}", lines.join(",\n\t\t\t     "));
+    let _ = writeln!(out, "\t}}");
+}
+
+fn chain(out: &mut String, c: &Chain) {
+    let _ = writeln!(out, "\tchain {} {{", c.name);
+    if let Some(h) = c.hook {
+        let kind = match h.kind {
+            ChainKind::Nat => "nat",
+            ChainKind::Filter => "filter",
+            ChainKind::Route => "route",
+        };
+        let point = match h.point {
+            HookPoint::Prerouting => "prerouting",
+            HookPoint::Output => "output",
+        };
+        let _ = writeln!(
+            out,
+            "\t\ttype {kind} hook {point} priority {}; policy accept;",
+            h.priority
+        );
+    }
+    for r in &c.rules {
+        let _ = writeln!(out, "\t\t{}", rule(r));
+    }
+    let _ = writeln!(out, "\t}}");
+}
+
+/// The whole transaction ADD sends, as `nft -f` input: replace the table atomically.
+pub fn render(rs: &Ruleset) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# mesh-redirect: the transaction ADD sends (one netlink batch)"
+    );
+    let _ = writeln!(out, "add table inet {TABLE}");
+    let _ = writeln!(out, "delete table inet {TABLE}");
+    let _ = writeln!(out, "table inet {TABLE} {{");
+    for s in &rs.sets {
+        set(&mut out, s);
+        out.push('\n');
+    }
+    for (i, c) in rs.chains.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        chain(&mut out, c);
+    }
+    let _ = writeln!(out, "}}");
+    out
+}

@@ -1,0 +1,276 @@
+//! The CNI verbs: stdin/env → config → policy → ruleset → kernel, one way.
+
+use crate::config::{self, LogLevel, PluginConfig};
+use crate::kernel::{Kernel, KernelError};
+use crate::log::Record;
+use crate::netns::{Netns, NetnsError};
+use crate::policy::{self, Decision, Pod};
+use crate::protocol::{self, CniError, Command, Env, code};
+use crate::ruleset::{self, Ruleset};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Plugin code for a CHECK that found the pod's table differing from the plan.
+pub const CHECK_MISMATCH: u32 = 103;
+
+/// What one invocation produced: the stdout JSON (if any) and the exit status.
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: Option<Value>,
+    pub ok: bool,
+}
+
+/// Where logging goes for this invocation (known once the config parsed).
+struct LogTarget {
+    file: Option<PathBuf>,
+    level: LogLevel,
+}
+
+/// Runs one CNI invocation and logs it.
+pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
+    let start = Instant::now();
+    let mut rec = Record::default();
+    let mut log = LogTarget {
+        file: None,
+        level: LogLevel::Info,
+    };
+    let mut version = protocol::LATEST.to_string();
+    let result = invoke(&get_env, stdin, &mut rec, &mut log, &mut version);
+    let out = match result {
+        Ok(stdout) => Output { stdout, ok: true },
+        Err(e) => {
+            rec.error_code = Some(e.code);
+            rec.error = Some(e.msg.clone());
+            Output {
+                stdout: Some(e.to_json(&version)),
+                ok: false,
+            }
+        }
+    };
+    crate::log::emit(log.file.as_deref(), log.level, &rec, start.elapsed());
+    out
+}
+
+fn invoke(
+    get_env: &impl Fn(&str) -> Option<String>,
+    stdin: &[u8],
+    rec: &mut Record,
+    log: &mut LogTarget,
+    version: &mut String,
+) -> Result<Option<Value>, CniError> {
+    rec.command = get_env("CNI_COMMAND").unwrap_or_default();
+    let env = Env::from_lookup(get_env)?;
+    rec.container_id = env.container_id.clone();
+    rec.netns = env.netns.clone();
+    rec.pod_namespace = env.arg("K8S_POD_NAMESPACE").unwrap_or_default().to_string();
+    rec.pod_name = env.arg("K8S_POD_NAME").unwrap_or_default().to_string();
+    if env.command == Command::Version {
+        return Ok(Some(protocol::version_info()));
+    }
+    let conf = protocol::parse_stdin(stdin)?;
+    // Errors speak the config's version when it has a usable one.
+    if let Some(v) = conf.get("cniVersion").and_then(Value::as_str)
+        && protocol::SUPPORTED_VERSIONS.contains(&v)
+    {
+        *version = v.to_string();
+    }
+    *version = protocol::negotiate_version(&conf, env.command)?;
+    let cfg = PluginConfig::from_conf(&conf);
+    if let Ok(c) = &cfg {
+        log.file = c.log_file.clone();
+        log.level = c.log_level;
+    }
+    match env.command {
+        Command::Add => add(&env, &conf, cfg?, rec, version),
+        Command::Check => check(&env, &conf, cfg?, rec, version),
+        Command::Del => del(&env, rec).map(|()| None),
+        Command::Gc => {
+            rec.decision = "nothing to collect: all state lives in pod namespaces".into();
+            Ok(None)
+        }
+        Command::Status => status(rec).map(|()| None),
+        Command::Version => Ok(Some(protocol::version_info())),
+    }
+}
+
+/// The result to print for ADD and CHECK: prevResult, unchanged, in the config's version.
+fn result(conf: &Map<String, Value>, version: &str, cmd: Command) -> Result<Value, CniError> {
+    match conf.get("prevResult") {
+        Some(prev) if !prev.is_null() => protocol::pass_through_result(prev, version),
+        _ => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "mesh-redirect is a chained plugin: {cmd} needs a prevResult from the plugin before it \
+                 (put mesh-redirect after the primary network plugin in a conflist)"
+            ),
+        )),
+    }
+}
+
+/// The pod's ruleset, or why it is not captured.
+fn plan(
+    env: &Env,
+    conf: &Map<String, Value>,
+    cfg: &PluginConfig,
+) -> Result<Result<Ruleset, String>, CniError> {
+    let annotations = config::pod_annotations(conf)?;
+    let pod = Pod {
+        namespace: env.arg("K8S_POD_NAMESPACE"),
+        name: env.arg("K8S_POD_NAME"),
+        annotations: annotations.as_ref(),
+    };
+    Ok(match policy::decide(cfg, &pod)? {
+        Decision::Capture(p) => Ok(ruleset::build(&p)),
+        Decision::Skip(why) => Err(why),
+    })
+}
+
+fn netns_error(e: NetnsError) -> CniError {
+    CniError::new(
+        code::NETNS,
+        format!("network namespace could not be entered: {e}"),
+    )
+}
+
+fn kernel_error(e: KernelError) -> CniError {
+    let c = if e.is_transient() {
+        code::TRY_AGAIN
+    } else {
+        code::KERNEL
+    };
+    CniError::new(c, e.to_string())
+}
+
+/// Opens the pod's netns and runs `f` with a netfilter socket inside it.
+fn in_pod<T>(
+    path: &str,
+    f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
+) -> Result<T, CniError> {
+    let ns = Netns::open(Path::new(path)).map_err(netns_error)?;
+    in_netns(&ns, f)
+}
+
+fn in_netns<T>(
+    ns: &Netns,
+    f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
+) -> Result<T, CniError> {
+    // Only the socket is created inside: netlink sockets stay bound to the namespace they
+    // were created in, so the rest runs back in ours.
+    let mut kernel = ns
+        .run(Kernel::open)
+        .map_err(netns_error)?
+        .map_err(kernel_error)?;
+    f(&mut kernel).map_err(kernel_error)
+}
+
+fn add(
+    env: &Env,
+    conf: &Map<String, Value>,
+    cfg: PluginConfig,
+    rec: &mut Record,
+    version: &str,
+) -> Result<Option<Value>, CniError> {
+    let out = result(conf, version, Command::Add)?;
+    match plan(env, conf, &cfg)? {
+        Ok(rs) => {
+            rec.rules = Some(rs.rule_count());
+            rec.set_elements = Some(rs.sets.iter().map(|s| s.elems.len()).sum());
+            in_pod(&env.netns, |k| k.replace(&rs))?;
+            rec.decision = "captured".into();
+        }
+        Err(why) => rec.decision = format!("skipped: {why}"),
+    }
+    Ok(Some(out))
+}
+
+fn check(
+    env: &Env,
+    conf: &Map<String, Value>,
+    cfg: PluginConfig,
+    rec: &mut Record,
+    version: &str,
+) -> Result<Option<Value>, CniError> {
+    let out = result(conf, version, Command::Check)?;
+    let planned = plan(env, conf, &cfg)?;
+    let diffs = match &planned {
+        Ok(rs) => in_pod(&env.netns, |k| k.diff(rs))?,
+        Err(why) if in_pod(&env.netns, |k| k.table_exists())? => vec![format!(
+            "table inet {} exists but the pod is not captured ({why})",
+            ruleset::TABLE
+        )],
+        Err(_) => Vec::new(),
+    };
+    if !diffs.is_empty() {
+        return Err(CniError::new(
+            CHECK_MISMATCH,
+            format!("pod ruleset differs from the plan: {}", diffs.join("; ")),
+        ));
+    }
+    rec.decision = match planned {
+        Ok(_) => "checked: ruleset matches".into(),
+        Err(_) => "checked: not captured, no table".into(),
+    };
+    Ok(Some(out))
+}
+
+fn del(env: &Env, rec: &mut Record) -> Result<(), CniError> {
+    if env.netns.is_empty() {
+        rec.decision = "nothing to delete: no netns given".into();
+        return Ok(());
+    }
+    let ns = match Netns::open(Path::new(&env.netns)) {
+        Ok(ns) => ns,
+        Err(e) if e.is_gone() => {
+            rec.decision = "nothing to delete: netns is gone".into();
+            return Ok(());
+        }
+        Err(e) => return Err(netns_error(e)),
+    };
+    in_netns(&ns, |k| k.delete())?;
+    rec.decision = "deleted".into();
+    Ok(())
+}
+
+/// STATUS: can this kernel take our ruleset? Installs the default istio ruleset in a
+/// throwaway network namespace that disappears with the thread that made it.
+fn status(rec: &mut Record) -> Result<(), CniError> {
+    let rs = default_ruleset();
+    let probe = std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("cannot create a scratch network namespace: {e}"))?;
+        let mut k = Kernel::open().map_err(|e| e.to_string())?;
+        k.replace(&rs).map_err(|e| e.to_string())
+    });
+    match probe.join() {
+        Ok(Ok(())) => {
+            rec.decision = "available".into();
+            Ok(())
+        }
+        Ok(Err(e)) => Err(CniError::new(
+            code::NOT_AVAILABLE,
+            format!("plugin not available: {e}"),
+        )),
+        Err(_) => Err(CniError::new(
+            code::NOT_AVAILABLE,
+            "plugin not available: the probe failed",
+        )),
+    }
+}
+
+/// The ruleset of a pod with the istio profile's defaults and no annotations beyond the status.
+pub fn default_ruleset() -> Ruleset {
+    let ann: config::Annotations = [(policy::istio::STATUS.to_string(), "{}".to_string())].into();
+    let pod = Pod {
+        annotations: Some(&ann),
+        ..Pod::default()
+    };
+    match policy::decide(&PluginConfig::default(), &pod) {
+        Ok(Decision::Capture(p)) => ruleset::build(&p),
+        // The defaults always capture; an empty ruleset would only make STATUS weaker.
+        _ => Ruleset {
+            sets: Vec::new(),
+            chains: Vec::new(),
+        },
+    }
+}
