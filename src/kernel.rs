@@ -498,7 +498,7 @@ impl Kernel {
                 0
             };
             if info.key_type != key.type_id()
-                || info.key_len != key.len()
+                || info.key_len != key.key_len()
                 || info.flags & libc::NFT_SET_INTERVAL as u32 != want_interval
             {
                 diffs.push(format!("set {} has the wrong type or flags", s.name));

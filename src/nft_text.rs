@@ -165,3 +165,60 @@ pub fn render(rs: &Ruleset) -> String {
     let _ = writeln!(out, "}}");
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ruleset::{Cmp, Family, L4, Match, Rule};
+    use std::net::IpAddr;
+
+    fn r(matches: Vec<Match>, action: Action) -> Rule {
+        Rule {
+            matches,
+            action,
+            comment: "",
+        }
+    }
+
+    #[test]
+    fn rules_render_as_nft_syntax() {
+        let lo6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(
+            rule(&r(
+                vec![
+                    Match::Oifname("lo".into()),
+                    Match::NfProto(Family::V6),
+                    Match::Daddr(Cmp::Ne, lo6),
+                    Match::L4Proto(L4::Tcp),
+                    Match::Dport(Cmp::Ne, 15008),
+                    Match::SkUid(Cmp::Eq, 1337),
+                ],
+                Action::Redirect(15006)
+            )),
+            "oifname \"lo\" meta nfproto ipv6 ip6 daddr != ::1 meta l4proto tcp tcp dport != 15008 meta skuid 1337 redirect to :15006"
+        );
+        // Without an l4proto the port match is the transport-header one.
+        assert_eq!(
+            rule(&r(vec![Match::DportIn("p")], Action::Return)),
+            "th dport @p return"
+        );
+        assert_eq!(
+            rule(&Rule {
+                matches: vec![Match::L4Proto(L4::Udp), Match::Dport(Cmp::Eq, 53)],
+                action: Action::Redirect(15053),
+                comment: "dns",
+            }),
+            "meta l4proto udp udp dport 53 redirect to :15053 comment \"dns\""
+        );
+    }
+
+    #[test]
+    fn render_replaces_the_table_in_one_transaction() {
+        let text = render(&crate::plugin::default_ruleset());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "add table inet mesh_redirect");
+        assert_eq!(lines[2], "delete table inet mesh_redirect");
+        assert!(text.contains("type nat hook prerouting priority -100; policy accept;"));
+        assert!(text.contains("elements = { 15020, 15021, 15090 }"));
+    }
+}

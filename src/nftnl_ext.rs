@@ -79,7 +79,7 @@ impl KeyType {
         }
     }
 
-    pub fn len(self) -> u32 {
+    pub fn key_len(self) -> u32 {
         match self {
             KeyType::Ipv4Addr => 4,
             KeyType::Ipv6Addr => 16,
@@ -120,7 +120,7 @@ impl<'a> NamedSet<'a> {
             };
             sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FLAGS as u16, flags);
             sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_TYPE as u16, key.type_id());
-            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_LEN as u16, key.len());
+            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_KEY_LEN as u16, key.key_len());
             // nft reads the key's byte order from the set's user data to print elements; the
             // kernel ignores it.
             let ud = alloc(sys::nftnl_udata_buf_alloc(64));
@@ -594,7 +594,18 @@ impl Socket {
         batch: &nftnl::FinalizedBatch,
         awaited: std::ops::Range<u32>,
     ) -> io::Result<Vec<BatchError>> {
-        self.sock.send_all(batch)?;
+        // The kernel takes a batch only from one sendmsg: a batch split over several sends
+        // loses its begin marker after the first. So send the pages as one buffer, with a send
+        // buffer big enough for it (large sets make batches of hundreds of KiB).
+        let mut bytes = Vec::new();
+        for page in batch {
+            bytes.extend_from_slice(page);
+        }
+        self.grow_sndbuf(bytes.len());
+        let sent = self.sock.send(&bytes)?;
+        if sent != bytes.len() {
+            return Err(io::Error::other("netlink sendmsg sent a partial batch"));
+        }
         let mut pending: std::collections::BTreeSet<u32> = awaited.collect();
         let mut errors = Vec::new();
         while !pending.is_empty() {
@@ -620,6 +631,43 @@ impl Socket {
         }
         errors.sort_by_key(|e| e.seq);
         Ok(errors)
+    }
+
+    /// Raises the socket's send buffer to hold `len` bytes (SO_SNDBUFFORCE: we are root).
+    fn grow_sndbuf(&self, len: usize) {
+        let want = libc::c_int::try_from(len + 4096).unwrap_or(libc::c_int::MAX);
+        let mut cur: libc::c_int = 0;
+        let mut sz = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let fd = self.sock.as_raw_fd();
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut cur as *mut libc::c_int).cast(),
+                &mut sz,
+            );
+            // The kernel doubles the value it is given and reports the doubled value.
+            if cur / 2 < want {
+                let sz = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                if libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUFFORCE,
+                    (&want as *const libc::c_int).cast(),
+                    sz,
+                ) != 0
+                {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_SNDBUF,
+                        (&want as *const libc::c_int).cast(),
+                        sz,
+                    );
+                }
+            }
+        }
     }
 
     fn readable_now(&self) -> io::Result<bool> {

@@ -274,3 +274,95 @@ pub fn default_ruleset() -> Ruleset {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The verbs' error paths that stop before the kernel (the kernel paths are in tests/).
+    use super::*;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    fn invoke(command: &str, conf: &str) -> Output {
+        let env: HashMap<&str, String> = [
+            ("CNI_COMMAND", command.to_string()),
+            ("CNI_CONTAINERID", "abc".into()),
+            ("CNI_NETNS", "/run/netns/does-not-exist-unit".into()),
+            ("CNI_IFNAME", "eth0".into()),
+            ("CNI_PATH", "/opt/cni/bin".into()),
+            (
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0".into(),
+            ),
+        ]
+        .into();
+        run(|k| env.get(k).cloned(), conf.as_bytes())
+    }
+
+    fn code_of(o: &Output) -> u64 {
+        assert!(!o.ok);
+        o.stdout.as_ref().unwrap()["code"].as_u64().unwrap()
+    }
+
+    fn conf(extra: Value) -> String {
+        let mut c = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "mesh-redirect",
+            "prevResult": {"cniVersion": "1.0.0", "ips": []},
+            "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"sidecar.istio.io/status": "{}"}}});
+        if let (Some(c), Value::Object(e)) = (c.as_object_mut(), extra) {
+            c.extend(e);
+        }
+        c.to_string()
+    }
+
+    #[test]
+    fn version_needs_no_stdin() {
+        let o = invoke("VERSION", "");
+        assert!(o.ok);
+        assert_eq!(o.stdout.unwrap()["cniVersion"], "1.1.0");
+    }
+
+    #[test]
+    fn error_codes_before_the_kernel() {
+        assert_eq!(code_of(&invoke("ADD", "{not json")), 6);
+        assert_eq!(
+            code_of(&invoke("ADD", &conf(json!({"cniVersion": "9.9.9"})))),
+            1
+        );
+        assert_eq!(
+            code_of(&invoke("CHECK", &conf(json!({"cniVersion": "0.3.1"})))),
+            1
+        );
+        assert_eq!(
+            code_of(&invoke("ADD", &conf(json!({"prevResult": null})))),
+            7
+        );
+        assert_eq!(code_of(&invoke("ADD", &conf(json!({"inboundPort": 0})))), 7);
+        let bad = json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": {
+            "sidecar.istio.io/status": "{}", "traffic.sidecar.istio.io/includeInboundPorts": "x"}}});
+        let o = invoke("ADD", &conf(bad));
+        assert_eq!(code_of(&o), 100);
+        assert_eq!(
+            o.stdout.unwrap()["cniVersion"],
+            "1.0.0",
+            "errors speak the config's version"
+        );
+        // Captured pod, netns missing: 101.
+        assert_eq!(code_of(&invoke("ADD", &conf(json!({})))), 101);
+    }
+
+    #[test]
+    fn skipped_pods_never_touch_the_netns() {
+        // The netns does not exist; a skip must still succeed and pass prevResult through.
+        let skip = json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": {}}});
+        let o = invoke("ADD", &conf(skip));
+        assert!(o.ok);
+        assert_eq!(o.stdout.unwrap(), json!({"cniVersion": "1.0.0", "ips": []}));
+    }
+
+    #[test]
+    fn del_succeeds_when_the_netns_is_gone_even_with_a_bad_config() {
+        let o = invoke("DEL", &conf(json!({"proxyUID": "nope"})));
+        assert!(o.ok, "{:?}", o.stdout);
+        assert!(o.stdout.is_none());
+        assert!(invoke("GC", &conf(json!({"cniVersion": "1.1.0"}))).ok);
+    }
+}

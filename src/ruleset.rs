@@ -602,3 +602,128 @@ fn dns_zone_chains(plan: &Plan, dns_port: u16) -> Vec<Chain> {
         },
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Annotations, PluginConfig};
+    use crate::policy::{Decision, Pod, decide};
+
+    fn build_with(pairs: &[(&str, &str)]) -> Ruleset {
+        let mut a: Annotations = [(istio::STATUS.to_string(), "{}".to_string())].into();
+        for (k, v) in pairs {
+            a.insert(k.to_string(), v.to_string());
+        }
+        let pod = Pod {
+            annotations: Some(&a),
+            ..Pod::default()
+        };
+        match decide(&PluginConfig::default(), &pod).unwrap() {
+            Decision::Capture(p) => build(&p),
+            Decision::Skip(w) => panic!("{w}"),
+        }
+    }
+
+    fn chain<'a>(rs: &'a Ruleset, name: &str) -> &'a Chain {
+        rs.chains.iter().find(|c| c.name == name).unwrap()
+    }
+
+    #[test]
+    fn default_ruleset_shape() {
+        let rs = build_with(&[]);
+        let names: Vec<_> = rs.chains.iter().map(|c| c.name).collect();
+        assert_eq!(names, ["prerouting", "inbound", "output", "outbound"]);
+        let sets: Vec<_> = rs.sets.iter().map(|s| s.name).collect();
+        // Empty lists make no set (and no rule looking one up).
+        assert_eq!(sets, [SET_IN_EXCLUDE_PORTS, SET_OUT_EXCLUDE_PORTS]);
+        assert_eq!(
+            rs.set(SET_IN_EXCLUDE_PORTS).unwrap().elems,
+            Elems::Ports(vec![15020, 15021, 15090])
+        );
+        let inbound = chain(&rs, "inbound");
+        assert_eq!(
+            inbound.rules.last().unwrap().action,
+            Action::Redirect(15006)
+        );
+        let outbound = chain(&rs, "outbound");
+        assert_eq!(
+            outbound.rules.last().unwrap().action,
+            Action::Redirect(15001)
+        );
+        // SPEC §4 order: excluded ports first, then passthrough, owner rules, localhost.
+        assert_eq!(
+            outbound.rules[0].matches,
+            vec![Match::DportIn(SET_OUT_EXCLUDE_PORTS)]
+        );
+        assert!(matches!(outbound.rules[1].matches[2], Match::Saddr(_)));
+    }
+
+    #[test]
+    fn owner_rules_cover_uid_then_gid_for_both_families() {
+        let rs = build_with(&[]);
+        let out = chain(&rs, "outbound");
+        let owners: Vec<&Match> = out
+            .rules
+            .iter()
+            .filter_map(|r| {
+                r.matches
+                    .iter()
+                    .find(|m| matches!(m, Match::SkUid(..) | Match::SkGid(..)))
+            })
+            .collect();
+        assert_eq!(owners.len(), 8);
+        assert!(owners[..4].iter().all(|m| matches!(m, Match::SkUid(..))));
+        assert!(owners[4..].iter().all(|m| matches!(m, Match::SkGid(..))));
+    }
+
+    #[test]
+    fn include_lists_use_sets_and_inbound_off_drops_the_chains() {
+        let rs = build_with(&[
+            (istio::INCLUDE_INBOUND_PORTS, ""),
+            (
+                istio::INCLUDE_OUTBOUND_IP_RANGES,
+                "10.0.0.0/8,10.1.0.0/16,fd00::/8",
+            ),
+            (istio::INCLUDE_OUTBOUND_PORTS, "3306"),
+        ]);
+        assert!(
+            rs.chains
+                .iter()
+                .all(|c| c.name != "inbound" && c.name != "prerouting")
+        );
+        // 10.1.0.0/16 is inside 10.0.0.0/8: aggregated away.
+        assert_eq!(
+            rs.set(SET_OUT_INCLUDE_V4).unwrap().elems,
+            Elems::V4(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+        assert!(rs.set(SET_OUT_INCLUDE_V6).is_some());
+        assert!(rs.set(SET_OUT_INCLUDE_PORTS).is_some());
+        let out = chain(&rs, "outbound");
+        // No catch-all redirect when the ranges are a list.
+        assert!(
+            !out.rules
+                .iter()
+                .any(|r| r.matches == vec![tcp()] && r.action == Action::Redirect(15001))
+        );
+    }
+
+    #[test]
+    fn include_inbound_list_redirects_only_the_set() {
+        let rs = build_with(&[(istio::INCLUDE_INBOUND_PORTS, "80,443")]);
+        let inbound = chain(&rs, "inbound");
+        let last = inbound.rules.last().unwrap();
+        assert_eq!(last.matches, vec![tcp(), Match::DportIn(SET_IN_PORTS)]);
+        assert_eq!(last.action, Action::Redirect(15006));
+        assert!(rs.set(SET_IN_EXCLUDE_PORTS).is_none());
+    }
+
+    #[test]
+    fn thousands_of_cidrs_stay_a_handful_of_rules() {
+        let many: Vec<String> = (0..10_000)
+            .map(|i| format!("10.{}.{}.0/24", i / 128, (i % 128) * 2))
+            .collect();
+        let rs = build_with(&[(istio::EXCLUDE_OUTBOUND_IP_RANGES, &many.join(","))]);
+        assert_eq!(rs.set(SET_OUT_EXCLUDE_V4).unwrap().elems.len(), 10_000);
+        assert!(rs.rule_count() < 30, "{}", rs.rule_count());
+    }
+}

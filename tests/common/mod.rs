@@ -384,12 +384,12 @@ impl Pod {
     }
 
     /// A connection from inside the pod.
-    pub fn from_pod(&self, who: Ident, addr: &str) -> Result<String, String> {
+    pub fn dial_from_pod(&self, who: Ident, addr: &str) -> Result<String, String> {
         connect(&self.pod.path(), who, addr)
     }
 
     /// A connection from the node to the pod.
-    pub fn from_node(&self, addr: &str) -> Result<String, String> {
+    pub fn dial_from_node(&self, addr: &str) -> Result<String, String> {
         connect(&self.node.path(), ROOT, addr)
     }
 

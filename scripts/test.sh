@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's checks, as CI runs them: format, lint, shell lint, then every test (unit tests,
+# and the real-kernel tests, which create their own network namespaces and need root).
+#
+# Usage (as root):  scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ "$(id -u)" = 0 ] || { echo "test.sh: run as root (the kernel tests create network namespaces)" >&2; exit 1; }
+scripts/deps.sh
+for d in "$HOME/.cargo/bin" /root/.cargo/bin; do [ -d "$d" ] && PATH="$d:$PATH"; done
+export PATH
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== shellcheck"
+shellcheck scripts/*.sh .ci/run
+echo "== cargo test"
+cargo test --all-targets "$@"
