@@ -467,9 +467,17 @@ impl Kernel {
         self.send(&replace_batch(rs))
     }
 
-    /// Deletes the table if it exists. Idempotent.
-    pub fn delete(&mut self) -> Result<(), KernelError> {
-        self.send(&delete_batch())
+    /// Deletes the table if it exists. Idempotent. Returns whether there was one.
+    ///
+    /// Asks first: a commit, even an empty-handed one, makes closing the socket wait for an
+    /// RCU grace period (the kernel flushes its transaction-destroy work on socket release),
+    /// which DEL of an uncaptured pod need not pay.
+    pub fn delete(&mut self) -> Result<bool, KernelError> {
+        if !self.table_exists()? {
+            return Ok(false);
+        }
+        self.send(&delete_batch())?;
+        Ok(true)
     }
 
     pub fn table_exists(&mut self) -> Result<bool, KernelError> {

@@ -227,8 +227,11 @@ fn del(env: &Env, rec: &mut Record) -> Result<(), CniError> {
         }
         Err(e) => return Err(netns_error(e)),
     };
-    in_netns(&ns, |k| k.delete())?;
-    rec.decision = "deleted".into();
+    rec.decision = if in_netns(&ns, |k| k.delete())? {
+        "deleted".into()
+    } else {
+        "nothing to delete: no table".into()
+    };
     Ok(())
 }
 
