@@ -6,9 +6,8 @@
 //! with everything in it), so the kernel commits all of it or none of it.
 
 use crate::nft_text;
-use crate::nftnl_ext::{
-    self, CtZoneSet, Elem, KeyType, Lookup, NamedSet, Redir, SocketTransparent, Tproxy,
-};
+use crate::nftnl_ext::{self, CtZoneSet, Elem, KeyType, Lookup, NamedSet, Redir, Tproxy};
+use crate::route::{self, Obj, Routing, Rtnl};
 use crate::ruleset::{
     Action, ChainKind, Cmp, Elems, Family, HookPoint, L4, Match, Rule as IrRule, Ruleset, TABLE,
 };
@@ -273,13 +272,26 @@ fn compile_rule<'c>(chain: &'c Chain<'c>, r: &IrRule, ids: &SetIds) -> Rule<'c> 
                 });
                 cmp_bytes(&mut rule, *c, &id.to_ne_bytes());
             }
-            Match::Mark(mark) => {
+            Match::Sport(p) => {
+                rule.add_expr(&Payload::Transport(expr::TransportHeaderField::Tcp(
+                    expr::TcpHeaderField::Sport,
+                )));
+                cmp_bytes(&mut rule, Cmp::Eq, &p.to_be_bytes());
+            }
+            Match::Mark(c, mark) => {
                 rule.add_expr(&Meta::Mark { set: false });
+                cmp_bytes(&mut rule, *c, &mark.to_ne_bytes());
+            }
+            Match::CtMark(mark) => {
+                rule.add_expr(&expr::Conntrack::Mark { set: false });
                 cmp_bytes(&mut rule, Cmp::Eq, &mark.to_ne_bytes());
             }
-            Match::SocketTransparent => {
-                rule.add_expr(&SocketTransparent);
-                cmp_bytes(&mut rule, Cmp::Eq, &[1]);
+            Match::CtEstablished => {
+                // ct state & (established | related) != 0
+                rule.add_expr(&expr::Conntrack::State);
+                let bits = (expr::States::ESTABLISHED | expr::States::RELATED).bits();
+                rule.add_expr(&expr::Bitwise::new(bits, 0u32));
+                cmp_bytes(&mut rule, Cmp::Ne, &0u32.to_ne_bytes());
             }
         }
     }
@@ -298,13 +310,15 @@ fn compile_rule<'c>(chain: &'c Chain<'c>, r: &IrRule, ids: &SetIds) -> Rule<'c> 
             });
         }
         Action::Tproxy { family, port, mark } => {
-            set_mark(&mut rule, *mark);
             rule.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg1));
             rule.add_expr(&Tproxy {
                 nfproto: nfproto(*family) as u32,
                 port: Register::Reg1,
             });
+            set_mark(&mut rule, *mark);
+            rule.add_expr(&Verdict::Accept);
         }
+        Action::SetMark(mark) => set_mark(&mut rule, *mark),
         Action::SetMarkAccept(mark) => {
             set_mark(&mut rule, *mark);
             rule.add_expr(&Verdict::Accept);
@@ -320,6 +334,7 @@ fn compile_rule<'c>(chain: &'c Chain<'c>, r: &IrRule, ids: &SetIds) -> Rule<'c> 
         Action::CtZone(zone) => {
             rule.add_expr(&Immediate::new(zone.to_ne_bytes(), Register::Reg1));
             rule.add_expr(&CtZoneSet);
+            rule.add_expr(&Verdict::Return);
         }
     }
     if !r.comment.is_empty() {
@@ -441,14 +456,45 @@ fn delete_batch() -> Built {
 /// The netfilter socket of one network namespace.
 pub struct Kernel {
     sock: nftnl_ext::Socket,
+    rtnl: Rtnl,
+    ipv6: bool,
 }
 
 impl Kernel {
-    /// Opens the socket in the calling thread's current network namespace.
+    /// Opens the sockets in the calling thread's current network namespace.
     pub fn open() -> Result<Kernel, KernelError> {
         Ok(Kernel {
             sock: nftnl_ext::Socket::open().map_err(KernelError::Socket)?,
+            rtnl: Rtnl::open().map_err(KernelError::Socket)?,
+            ipv6: route::ipv6_enabled(),
         })
+    }
+
+    /// Adds the routing objects; on failure removes the ones this call added.
+    /// Returns the ones it added (for rolling back if what follows fails).
+    fn add_routing(&mut self, r: &Routing) -> Result<Vec<Obj>, KernelError> {
+        let mut added = Vec::new();
+        for o in r.objects(self.ipv6) {
+            match self.rtnl.add(r, o) {
+                Ok(true) => added.push(o),
+                Ok(false) => {}
+                Err(err) => {
+                    self.remove_routing(r, &added);
+                    return Err(KernelError::Refused {
+                        what: r.describe(o),
+                        err,
+                    });
+                }
+            }
+        }
+        Ok(added)
+    }
+
+    /// Best effort, newest first: used to undo, where the first error is already reported.
+    fn remove_routing(&mut self, r: &Routing, objs: &[Obj]) {
+        for o in objs.iter().rev() {
+            let _ = self.rtnl.del(r, *o);
+        }
     }
 
     fn send(&mut self, built: &Built) -> Result<(), KernelError> {
@@ -462,22 +508,51 @@ impl Kernel {
         }
     }
 
-    /// Installs `rs` as table `inet mesh_redirect`, replacing any previous one, atomically.
+    /// Installs `rs` as table `inet mesh_redirect`, replacing any previous one, atomically;
+    /// with TPROXY, its policy routing first. One logical transaction: if the table is refused,
+    /// the routing this call added is removed again, and if the routing is refused, the table
+    /// is not touched.
     pub fn replace(&mut self, rs: &Ruleset) -> Result<(), KernelError> {
-        self.send(&replace_batch(rs))
+        let added = match &rs.routing {
+            Some(r) => self.add_routing(r)?,
+            None => Vec::new(),
+        };
+        let res = self.send(&replace_batch(rs));
+        if res.is_err()
+            && let Some(r) = &rs.routing
+        {
+            self.remove_routing(r, &added);
+        }
+        res
     }
 
-    /// Deletes the table if it exists. Idempotent. Returns whether there was one.
+    /// Deletes the table if it exists, and `routing`'s objects (the ::6 address only with
+    /// `with_address`). Idempotent. Returns whether there was a table.
     ///
     /// Asks first: a commit, even an empty-handed one, makes closing the socket wait for an
     /// RCU grace period (the kernel flushes its transaction-destroy work on socket release),
     /// which DEL of an uncaptured pod need not pay.
-    pub fn delete(&mut self) -> Result<bool, KernelError> {
-        if !self.table_exists()? {
-            return Ok(false);
+    pub fn delete(
+        &mut self,
+        routing: Option<&Routing>,
+        with_address: bool,
+    ) -> Result<bool, KernelError> {
+        let existed = self.table_exists()?;
+        if existed {
+            self.send(&delete_batch())?;
         }
-        self.send(&delete_batch())?;
-        Ok(true)
+        if let Some(r) = routing {
+            for o in r.objects(self.ipv6).into_iter().rev() {
+                if o == Obj::Passthrough6 && !with_address {
+                    continue;
+                }
+                self.rtnl.del(r, o).map_err(|err| KernelError::Refused {
+                    what: format!("removing {}", r.describe(o)),
+                    err,
+                })?;
+            }
+        }
+        Ok(existed)
     }
 
     pub fn table_exists(&mut self) -> Result<bool, KernelError> {
@@ -534,6 +609,13 @@ impl Kernel {
             }
         }
         self.diff_rules(rs, &mut diffs)?;
+        if let Some(r) = &rs.routing {
+            for o in r.objects(self.ipv6) {
+                if !self.rtnl.exists(r, o)? {
+                    diffs.push(format!("{} is missing", r.describe(o)));
+                }
+            }
+        }
         Ok(diffs)
     }
 

@@ -14,4 +14,5 @@ pub mod nftnl_ext;
 pub mod plugin;
 pub mod policy;
 pub mod protocol;
+pub mod route;
 pub mod ruleset;

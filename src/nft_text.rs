@@ -59,8 +59,10 @@ pub fn rule(r: &Rule) -> String {
             Match::DportIn(s) => format!("{l4} dport @{s}"),
             Match::SkUid(c, u) => format!("meta skuid {}{u}", op(*c)),
             Match::SkGid(c, g) => format!("meta skgid {}{g}", op(*c)),
-            Match::Mark(m) => format!("meta mark {m:#010x}"),
-            Match::SocketTransparent => "socket transparent 1".to_string(),
+            Match::Sport(p) => format!("{l4} sport {p}"),
+            Match::Mark(c, m) => format!("meta mark {}{m:#010x}", op(*c)),
+            Match::CtMark(m) => format!("ct mark {m:#010x}"),
+            Match::CtEstablished => "ct state established,related".to_string(),
         });
     }
     parts.push(match &r.action {
@@ -70,14 +72,15 @@ pub fn rule(r: &Rule) -> String {
         Action::Redirect(p) => format!("redirect to :{p}"),
         Action::Tproxy { family, port, mark } => {
             format!(
-                "meta mark set {mark:#010x} tproxy {} to :{port}",
+                "tproxy {} to :{port} meta mark set {mark:#010x} accept",
                 family_kw(*family)
             )
         }
+        Action::SetMark(m) => format!("meta mark set {m:#010x}"),
         Action::SetMarkAccept(m) => format!("meta mark set {m:#010x} accept"),
         Action::SaveMark => "ct mark set meta mark".into(),
         Action::RestoreMark => "meta mark set ct mark".into(),
-        Action::CtZone(z) => format!("ct zone set {z}"),
+        Action::CtZone(z) => format!("ct zone set {z} return"),
     });
     if !r.comment.is_empty() {
         parts.push(format!("comment \"{}\"", r.comment));
@@ -163,6 +166,15 @@ pub fn render(rs: &Ruleset) -> String {
         chain(&mut out, c);
     }
     let _ = writeln!(out, "}}");
+    if let Some(r) = &rs.routing {
+        let _ = writeln!(
+            out,
+            "# and, in the same logical transaction (rtnetlink, inside the pod's namespace):"
+        );
+        for o in r.objects(true) {
+            let _ = writeln!(out, "#   {}", r.describe(o));
+        }
+    }
     out
 }
 

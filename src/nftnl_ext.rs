@@ -1,6 +1,6 @@
 //! What the safe `nftnl` API lacks, built over `nftnl-sys`: named sets with flags and our key
 //! types (interval address sets, port sets, interface-name sets), lookups into them, `redir`,
-//! `tproxy`, `socket`, `ct zone set`, and reading objects back (parsing netlink messages and
+//! `tproxy`, `ct zone set`, and reading objects back (parsing netlink messages and
 //! rendering expressions in libnftnl's own notation) for CHECK.
 //!
 //! This is the only module with `unsafe`. Every pointer it hands to libnftnl is owned by a
@@ -23,8 +23,6 @@ const NETLINK_CAP_ACK: libc::c_int = 10;
 const NFTNL_UDATA_SET_KEYBYTEORDER: u8 = 0;
 const BYTEORDER_HOST: u32 = 1;
 const BYTEORDER_BIG: u32 = 2;
-/// `NFT_SOCKET_TRANSPARENT`.
-const NFT_SOCKET_TRANSPARENT: u32 = 0;
 
 fn alloc<T>(p: *mut T) -> NonNull<T> {
     // libnftnl returns NULL only when malloc fails; like the nftnl crate, treat that as fatal.
@@ -313,18 +311,6 @@ impl Expression for Tproxy {
         let e = expr(c"tproxy");
         set_u32(e, sys::NFTNL_EXPR_TPROXY_FAMILY, self.nfproto);
         set_u32(e, sys::NFTNL_EXPR_TPROXY_REG_PORT, self.port.to_raw());
-        e
-    }
-}
-
-/// `socket transparent` loaded into register 1.
-pub struct SocketTransparent;
-
-impl Expression for SocketTransparent {
-    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let e = expr(c"socket");
-        set_u32(e, sys::NFTNL_EXPR_SOCKET_KEY, NFT_SOCKET_TRANSPARENT);
-        set_u32(e, sys::NFTNL_EXPR_SOCKET_DREG, libc::NFT_REG_1 as u32);
         e
     }
 }

@@ -6,6 +6,7 @@ use crate::log::Record;
 use crate::netns::{Netns, NetnsError};
 use crate::policy::{self, Decision, Pod};
 use crate::protocol::{self, CniError, Command, Env, code};
+use crate::route;
 use crate::ruleset::{self, Ruleset};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -84,7 +85,7 @@ fn invoke(
     match env.command {
         Command::Add => add(&env, &conf, cfg?, rec, version),
         Command::Check => check(&env, &conf, cfg?, rec, version),
-        Command::Del => del(&env, rec).map(|()| None),
+        Command::Del => del(&env, &conf, cfg, rec).map(|()| None),
         Command::Gc => {
             rec.decision = "nothing to collect: all state lives in pod namespaces".into();
             Ok(None)
@@ -214,7 +215,12 @@ fn check(
     Ok(Some(out))
 }
 
-fn del(env: &Env, rec: &mut Record) -> Result<(), CniError> {
+fn del(
+    env: &Env,
+    conf: &Map<String, Value>,
+    cfg: Result<PluginConfig, CniError>,
+    rec: &mut Record,
+) -> Result<(), CniError> {
     if env.netns.is_empty() {
         rec.decision = "nothing to delete: no netns given".into();
         return Ok(());
@@ -227,7 +233,26 @@ fn del(env: &Env, rec: &mut Record) -> Result<(), CniError> {
         }
         Err(e) => return Err(netns_error(e)),
     };
-    rec.decision = if in_netns(&ns, |k| k.delete())? {
+    // What to remove besides the table: the TPROXY routing if this pod's plan had it; if the
+    // plan cannot be made (DEL must not fail on config), the routing rule and route, which are
+    // unambiguously ours, but not the shared ::6 address.
+    let routing = match cfg.and_then(|c| plan(env, conf, &c)) {
+        Ok(Ok(rs)) => rs.routing.map(|r| (r, true)),
+        Ok(Err(_)) => None,
+        Err(_) => Some((
+            route::Routing {
+                mark: ruleset::TPROXY_MARK,
+                table: ruleset::TPROXY_TABLE,
+            },
+            false,
+        )),
+    };
+    rec.decision = if in_netns(&ns, |k| {
+        k.delete(
+            routing.as_ref().map(|(r, _)| r),
+            routing.is_some_and(|(_, a)| a),
+        )
+    })? {
         "deleted".into()
     } else {
         "nothing to delete: no table".into()
@@ -274,6 +299,7 @@ pub fn default_ruleset() -> Ruleset {
         _ => Ruleset {
             sets: Vec::new(),
             chains: Vec::new(),
+            routing: None,
         },
     }
 }

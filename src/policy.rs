@@ -222,6 +222,9 @@ pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
         Some(v) => return Err(bad(istio::CAPTURE_DNS, v, "must be true or false")),
     };
 
+    // DNS excluded by port is not captured at all: its conntrack zones would otherwise split
+    // the query from its answer.
+    let dns_port = (capture_dns && !exclude_outbound_ports.contains(&53)).then_some(cfg.dns_port);
     Ok(Decision::Capture(Plan {
         mode,
         proxy_uid: cfg.proxy_uid,
@@ -234,7 +237,7 @@ pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
         include_outbound_ports,
         exclude_outbound_ports,
         exclude_interfaces,
-        dns_port: capture_dns.then_some(cfg.dns_port),
+        dns_port,
     }))
 }
 

@@ -6,6 +6,7 @@
 //! Address and port lists become named sets, so list size costs one lookup, not one rule each.
 
 use crate::policy::{Cidrs, Inbound, Mode, OutboundRanges, Plan, istio};
+pub use crate::route::Routing;
 use ipnet::{Ipv4Net, Ipv6Net};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -101,13 +102,17 @@ pub enum Match {
     DaddrIn(Family, &'static str),
     /// Transport destination port (TCP or UDP: same offset).
     Dport(Cmp, u16),
+    /// Transport source port equals.
+    Sport(u16),
     DportIn(&'static str),
     SkUid(Cmp, u32),
     SkGid(Cmp, u32),
-    /// Packet mark equals.
-    Mark(u32),
-    /// A socket for the packet's destination exists and is transparent (`socket transparent 1`).
-    SocketTransparent,
+    /// Packet mark (`meta mark`).
+    Mark(Cmp, u32),
+    /// Connection mark equals (`ct mark`).
+    CtMark(u32),
+    /// `ct state established,related`.
+    CtEstablished,
 }
 
 /// What a matching rule does.
@@ -118,19 +123,21 @@ pub enum Action {
     Jump(&'static str),
     /// `redirect to :port`.
     Redirect(u16),
-    /// `meta mark set m; tproxy to :port` (the family is the rule's).
+    /// `tproxy ip|ip6 to :port meta mark set m accept`.
     Tproxy {
         family: Family,
         port: u16,
         mark: u32,
     },
-    /// `meta mark set m`, then accept.
+    /// `meta mark set m` (the packet goes on to the next rule).
+    SetMark(u32),
+    /// `meta mark set m accept`.
     SetMarkAccept(u32),
-    /// `ct mark set meta mark` (continue).
+    /// `ct mark set meta mark` (goes on).
     SaveMark,
-    /// `meta mark set ct mark` (continue).
+    /// `meta mark set ct mark` (goes on).
     RestoreMark,
-    /// `ct zone set z` (continue).
+    /// `ct zone set z return`: the first zone rule that matches decides.
     CtZone(u16),
 }
 
@@ -149,11 +156,13 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-/// Everything in table `inet mesh_redirect`.
+/// Everything in table `inet mesh_redirect`, plus the policy routing TPROXY needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
     pub sets: Vec<Set>,
     pub chains: Vec<Chain>,
+    /// TPROXY mode: marked packets are routed to the local stack (see `route`).
+    pub routing: Option<Routing>,
 }
 
 impl Ruleset {
@@ -179,9 +188,12 @@ pub const SET_OUT_INCLUDE_V6: &str = "out_include_v6";
 
 /// The TPROXY mark (Istio's): marks diverted packets and selects routing table 133.
 pub const TPROXY_MARK: u32 = 1337;
-/// Conntrack zones keeping the app's and the proxy's DNS flows apart (Istio's zones).
-pub const DNS_ZONE_APP: u16 = 1;
-pub const DNS_ZONE_UPSTREAM: u16 = 2;
+pub const TPROXY_TABLE: u32 = 133;
+/// Marks the proxy's own calls to the pod's address over lo, so TPROXY captures them inbound.
+pub const PROXY_LOOPBACK_MARK: u32 = 1338;
+/// Conntrack zones keeping the two legs of a captured DNS lookup apart (Istio's numbers).
+pub const DNS_ZONE_UPSTREAM_LEG: u16 = 1;
+pub const DNS_ZONE_APP_LEG: u16 = 2;
 
 const LOOPBACK: [(Family, IpAddr); 2] = [
     (Family::V4, IpAddr::V4(Ipv4Addr::LOCALHOST)),
@@ -245,14 +257,27 @@ pub fn build(plan: &Plan) -> Ruleset {
         Elems::Ifnames(plan.exclude_interfaces.iter().cloned().collect()),
     );
     let mut chains = Vec::new();
-    inbound_chains(&mut b, plan, ifaces, &mut chains);
-    outbound_chains(&mut b, plan, ifaces, &mut chains);
+    let routing = match plan.mode {
+        Mode::Redirect => {
+            chains.extend(redirect_inbound(&mut b, plan, ifaces));
+            None
+        }
+        Mode::Tproxy => {
+            chains.extend(tproxy_chains(&mut b, plan, ifaces));
+            Some(Routing {
+                mark: TPROXY_MARK,
+                table: TPROXY_TABLE,
+            })
+        }
+    };
+    chains.extend(outbound_chains(&mut b, plan, ifaces));
     if let Some(dns_port) = plan.dns_port {
-        chains.extend(dns_zone_chains(plan, dns_port));
+        chains.extend(dns_zone_chains(plan, dns_port, ifaces));
     }
     Ruleset {
         sets: b.sets,
         chains,
+        routing,
     }
 }
 
@@ -260,16 +285,43 @@ fn tcp() -> Match {
     Match::L4Proto(L4::Tcp)
 }
 
-/// The inbound rules (SPEC §4 "Inbound"): one chain that decides, entered for TCP only.
-fn inbound_chains(
+fn lo_out() -> Match {
+    Match::Oifname("lo".into())
+}
+
+fn base(
+    name: &'static str,
+    kind: ChainKind,
+    point: HookPoint,
+    priority: i32,
+    rules: Vec<Rule>,
+) -> Chain {
+    Chain {
+        name,
+        hook: Some(Hook {
+            kind,
+            point,
+            priority,
+        }),
+        rules,
+    }
+}
+
+fn regular(name: &'static str, rules: Vec<Rule>) -> Chain {
+    Chain {
+        name,
+        hook: None,
+        rules,
+    }
+}
+
+/// The inbound port rules shared by both modes: excluded interfaces, the tunnel port, and the
+/// exclusion set (with `*`). Returns them and the match that selects captured ports.
+fn inbound_selection(
     b: &mut Builder,
     plan: &Plan,
     ifaces: Option<&'static str>,
-    chains: &mut Vec<Chain>,
-) {
-    if plan.inbound == Inbound::Off {
-        return;
-    }
+) -> (Vec<Rule>, Vec<Match>) {
     let mut rules = Vec::new();
     if let Some(set) = ifaces {
         rules.push(rule(
@@ -283,30 +335,7 @@ fn inbound_chains(
         Action::Return,
         "HBONE tunnel port",
     ));
-    let to_proxy = |matches: Vec<Match>, families: &[Family], comment| -> Vec<Rule> {
-        match plan.mode {
-            Mode::Redirect => vec![rule(matches, Action::Redirect(plan.inbound_port), comment)],
-            // TPROXY needs the family for the address it hands to the proxy's socket.
-            Mode::Tproxy => families
-                .iter()
-                .map(|&f| {
-                    let mut m = vec![Match::NfProto(f)];
-                    m.extend(matches.iter().cloned());
-                    rule(
-                        m,
-                        Action::Tproxy {
-                            family: f,
-                            port: plan.inbound_port,
-                            mark: TPROXY_MARK,
-                        },
-                        comment,
-                    )
-                })
-                .collect(),
-        }
-    };
-    let both = [Family::V4, Family::V6];
-    match &plan.inbound {
+    let selected = match &plan.inbound {
         Inbound::AllExcept(ports) => {
             if let Some(set) = b.ports(SET_IN_EXCLUDE_PORTS, ports.iter().copied()) {
                 rules.push(rule(
@@ -315,84 +344,175 @@ fn inbound_chains(
                     "excluded inbound port",
                 ));
             }
-            rules.extend(to_proxy(vec![tcp()], &both, "inbound to the proxy"));
+            vec![tcp()]
         }
-        Inbound::Only(ports) => {
-            if let Some(set) = b.ports(SET_IN_PORTS, ports.iter().copied()) {
-                rules.extend(to_proxy(
-                    vec![tcp(), Match::DportIn(set)],
-                    &both,
-                    "included inbound port",
-                ));
-            }
-        }
-        Inbound::Off => {}
+        Inbound::Only(ports) => match b.ports(SET_IN_PORTS, ports.iter().copied()) {
+            Some(set) => vec![tcp(), Match::DportIn(set)],
+            None => vec![tcp()],
+        },
+        Inbound::Off => vec![tcp()],
+    };
+    (rules, selected)
+}
+
+/// REDIRECT mode inbound (SPEC §4 "Inbound"): nat prerouting, TCP only.
+fn redirect_inbound(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> Vec<Chain> {
+    if plan.inbound == Inbound::Off {
+        return Vec::new();
     }
-    match plan.mode {
-        Mode::Redirect => chains.push(Chain {
-            name: "prerouting",
-            hook: Some(Hook {
-                kind: ChainKind::Nat,
-                point: HookPoint::Prerouting,
-                priority: NAT_PRIORITY,
-            }),
-            rules: vec![rule(vec![tcp()], Action::Jump("inbound"), "inbound TCP")],
-        }),
-        Mode::Tproxy => chains.push(Chain {
-            name: "prerouting",
-            hook: Some(Hook {
-                kind: ChainKind::Filter,
-                point: HookPoint::Prerouting,
-                priority: MANGLE_PRIORITY,
-            }),
-            rules: vec![
-                // Packets of connections already handed to the proxy: keep them on the proxy's
-                // socket (Istio's ISTIO_DIVERT), without touching anything else.
-                rule(
-                    vec![tcp(), Match::SocketTransparent],
-                    Action::SetMarkAccept(TPROXY_MARK),
-                    "established, to the proxy's transparent socket",
-                ),
-                rule(
-                    vec![tcp()],
-                    Action::RestoreMark,
-                    "restore the connection's mark",
-                ),
-                rule(
-                    vec![tcp(), Match::Mark(TPROXY_MARK)],
-                    Action::Accept,
-                    "already diverted",
-                ),
-                rule(vec![tcp()], Action::Jump("inbound"), "inbound TCP"),
-            ],
-        }),
-    }
-    if plan.mode == Mode::Tproxy {
-        // Remember the mark on the connection so replies from the app are routed back through
-        // the proxy's table (Istio's CONNMARK save on the app side).
-        rules.insert(
-            0,
+    let (mut rules, selected) = inbound_selection(b, plan, ifaces);
+    let comment = if matches!(plan.inbound, Inbound::Only(_)) {
+        "included inbound port"
+    } else {
+        "inbound to the proxy"
+    };
+    rules.push(rule(selected, Action::Redirect(plan.inbound_port), comment));
+    vec![
+        base(
+            "prerouting",
+            ChainKind::Nat,
+            HookPoint::Prerouting,
+            NAT_PRIORITY,
+            vec![rule(vec![tcp()], Action::Jump("inbound"), "inbound TCP")],
+        ),
+        regular("inbound", rules),
+    ]
+}
+
+/// TPROXY mode inbound (Istio's mangle rules): new inbound TCP connections are handed to the
+/// proxy's transparent socket with their addresses untouched and marked, so policy routing
+/// delivers them locally; packets of established ones are marked and accepted.
+fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> Vec<Chain> {
+    let mark = TPROXY_MARK;
+    let mut chains = Vec::new();
+    if plan.inbound != Inbound::Off {
+        let (selection, selected) = inbound_selection(b, plan, ifaces);
+        let lo_in = || Match::Iifname("lo".into());
+        let mut rules = vec![
             rule(
-                vec![tcp(), Match::Mark(TPROXY_MARK)],
-                Action::SaveMark,
-                "save the mark on the connection",
+                vec![tcp(), Match::Mark(Cmp::Eq, mark)],
+                Action::Return,
+                "already diverted",
             ),
-        );
+            rule(
+                vec![
+                    lo_in(),
+                    Match::NfProto(Family::V4),
+                    Match::Saddr(PASSTHROUGH[0].1),
+                ],
+                Action::Return,
+                "proxy passthrough",
+            ),
+            rule(
+                vec![
+                    lo_in(),
+                    Match::NfProto(Family::V6),
+                    Match::Saddr(PASSTHROUGH[1].1),
+                ],
+                Action::Return,
+                "proxy passthrough",
+            ),
+            rule(
+                vec![lo_in(), Match::Mark(Cmp::Ne, PROXY_LOOPBACK_MARK)],
+                Action::Return,
+                "over lo, not the proxy calling the pod's address",
+            ),
+        ];
+        rules.extend(selection);
+        let mut established = selected.clone();
+        established.push(Match::CtEstablished);
+        rules.push(rule(
+            established,
+            Action::SetMarkAccept(mark),
+            "established: to the proxy's socket",
+        ));
+        for (f, lo) in LOOPBACK {
+            let mut m = vec![Match::NfProto(f), Match::Daddr(Cmp::Ne, lo)];
+            m.extend(selected.iter().cloned());
+            rules.push(rule(
+                m,
+                Action::Tproxy {
+                    family: f,
+                    port: plan.inbound_port,
+                    mark,
+                },
+                "inbound to the proxy",
+            ));
+        }
+        let mut pre = Vec::new();
+        if let Some(set) = ifaces {
+            pre.push(rule(
+                vec![Match::IifnameIn(set)],
+                Action::Return,
+                "arrived on an excluded interface",
+            ));
+        }
+        pre.push(rule(vec![tcp()], Action::Jump("inbound"), "inbound TCP"));
+        pre.push(rule(
+            vec![tcp(), Match::Mark(Cmp::Eq, mark)],
+            Action::SaveMark,
+            "keep the mark on the connection",
+        ));
+        chains.push(base(
+            "prerouting",
+            ChainKind::Filter,
+            HookPoint::Prerouting,
+            MANGLE_PRIORITY,
+            pre,
+        ));
+        chains.push(regular("inbound", rules));
     }
-    chains.push(Chain {
-        name: "inbound",
-        hook: None,
-        rules,
-    });
+    // Locally generated packets: a route chain, so a mark set here re-routes the packet.
+    let mut out = Vec::new();
+    if let Some(set) = ifaces {
+        out.push(rule(
+            vec![Match::OifnameIn(set)],
+            Action::Return,
+            "leaving on an excluded interface",
+        ));
+    }
+    out.push(rule(
+        vec![lo_out(), tcp(), Match::Mark(Cmp::Eq, mark)],
+        Action::Return,
+        "already marked",
+    ));
+    type Owner = fn(Cmp, u32) -> Match;
+    for (owner, id) in [
+        (Match::SkUid as Owner, plan.proxy_uid),
+        (Match::SkGid as Owner, plan.proxy_gid),
+    ] {
+        for (f, lo) in LOOPBACK {
+            out.push(rule(
+                vec![
+                    lo_out(),
+                    Match::NfProto(f),
+                    Match::Daddr(Cmp::Ne, lo),
+                    tcp(),
+                    owner(Cmp::Eq, id),
+                ],
+                Action::SetMark(PROXY_LOOPBACK_MARK),
+                "the proxy calling the pod's address over lo",
+            ));
+        }
+    }
+    out.push(rule(
+        vec![tcp(), Match::CtMark(mark)],
+        Action::RestoreMark,
+        "replies of diverted connections go back to the proxy",
+    ));
+    chains.push(base(
+        "output_mangle",
+        ChainKind::Route,
+        HookPoint::Output,
+        MANGLE_PRIORITY,
+        out,
+    ));
+    chains
 }
 
 /// The outbound rules (SPEC §4 "Outbound"), entered for TCP (and UDP when DNS is captured).
-fn outbound_chains(
-    b: &mut Builder,
-    plan: &Plan,
-    ifaces: Option<&'static str>,
-    chains: &mut Vec<Chain>,
-) {
+fn outbound_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> Vec<Chain> {
+    let dns = plan.dns_port.is_some();
     let mut r = Vec::new();
     if let Some(set) = ifaces {
         r.push(rule(
@@ -411,42 +531,47 @@ fn outbound_chains(
             "excluded outbound port",
         ));
     }
-    let lo = || Match::Oifname("lo".into());
     for (f, addr) in PASSTHROUGH {
         r.push(rule(
-            vec![lo(), Match::NfProto(f), Match::Saddr(addr)],
+            vec![lo_out(), Match::NfProto(f), Match::Saddr(addr)],
             Action::Return,
             "proxy passthrough",
         ));
     }
     type Owner = fn(Cmp, u32) -> Match;
-    for (owner, id, what) in [
-        (Match::SkUid as Owner, plan.proxy_uid, "uid"),
-        (Match::SkGid as Owner, plan.proxy_gid, "gid"),
+    for (owner, id, by_gid) in [
+        (Match::SkUid as Owner, plan.proxy_uid, false),
+        (Match::SkGid as Owner, plan.proxy_gid, true),
     ] {
         for (f, addr) in LOOPBACK {
-            let matches = vec![
-                lo(),
+            let mut m = vec![
+                lo_out(),
                 Match::NfProto(f),
                 Match::Daddr(Cmp::Ne, addr),
                 tcp(),
+            ];
+            if dns {
+                m.push(Match::Dport(Cmp::Ne, DNS_PORT));
+            }
+            m.extend([
                 Match::Dport(Cmp::Ne, istio::TUNNEL_PORT),
                 owner(Cmp::Eq, id),
-            ];
-            let comment = if what == "uid" {
-                "proxy calling the pod's own address: inbound"
-            } else {
+            ]);
+            let comment = if by_gid {
                 "proxy (by gid) calling the pod's own address: inbound"
+            } else {
+                "proxy calling the pod's own address: inbound"
             };
-            // In TPROXY mode the proxy's loopback call is still redirected: nat is the only
-            // way to steer locally generated traffic to a local port.
-            r.push(rule(matches, Action::Redirect(plan.inbound_port), comment));
+            // Also in TPROXY mode: nat is the only way to steer locally generated traffic.
+            r.push(rule(m, Action::Redirect(plan.inbound_port), comment));
         }
-        r.push(rule(
-            vec![lo(), owner(Cmp::Ne, id)],
-            Action::Return,
-            "app talking to itself over lo",
-        ));
+        // With DNS capture, the app's DNS over lo (a local resolver) must still reach the DNS rules.
+        let mut m = vec![lo_out()];
+        if dns {
+            m.extend([tcp(), Match::Dport(Cmp::Ne, DNS_PORT)]);
+        }
+        m.push(owner(Cmp::Ne, id));
+        r.push(rule(m, Action::Return, "app talking to itself over lo"));
         r.push(rule(
             vec![owner(Cmp::Eq, id)],
             Action::Return,
@@ -456,7 +581,7 @@ fn outbound_chains(
     if let Some(dns_port) = plan.dns_port {
         // After the proxy-owner returns (the proxy's own queries go out untouched), before the
         // localhost return (a resolver on 127.0.0.53 is still captured).
-        for l4 in [L4::Udp, L4::Tcp] {
+        for l4 in [L4::Tcp, L4::Udp] {
             r.push(rule(
                 vec![Match::L4Proto(l4), Match::Dport(Cmp::Eq, DNS_PORT)],
                 Action::Redirect(dns_port),
@@ -516,90 +641,88 @@ fn outbound_chains(
         }
     }
     let mut entry = vec![rule(vec![tcp()], Action::Jump("outbound"), "outbound TCP")];
-    if plan.dns_port.is_some() {
+    if dns {
         entry.push(rule(
             vec![Match::L4Proto(L4::Udp)],
             Action::Jump("outbound"),
             "outbound UDP (DNS)",
         ));
     }
-    chains.push(Chain {
-        name: "output",
-        hook: Some(Hook {
-            kind: ChainKind::Nat,
-            point: HookPoint::Output,
-            priority: NAT_PRIORITY,
-        }),
-        rules: entry,
-    });
-    chains.push(Chain {
-        name: "outbound",
-        hook: None,
-        rules: r,
-    });
+    vec![
+        base(
+            "output",
+            ChainKind::Nat,
+            HookPoint::Output,
+            NAT_PRIORITY,
+            entry,
+        ),
+        regular("outbound", r),
+    ]
 }
 
-/// Conntrack zones for DNS (what Istio's raw-table `CT --zone` rules do): the app's query to
-/// the resolver and the proxy's query upstream would otherwise share a 5-tuple's conntrack entry
-/// when the proxy reuses the app's source port, and replies would be NATed to the wrong socket.
-fn dns_zone_chains(plan: &Plan, dns_port: u16) -> Vec<Chain> {
+/// Conntrack zones for DNS (Istio's raw-table `CT --zone` rules), assigned before conntrack
+/// sees the packet: the proxy's queries upstream and their answers live in zone 1, the app's
+/// queries and the proxy's answers to them in zone 2, so the two legs of one lookup, which can
+/// share addresses and ports, never meet in one conntrack entry and replies go to the right
+/// socket.
+fn dns_zone_chains(plan: &Plan, dns_port: u16, ifaces: Option<&'static str>) -> Vec<Chain> {
     let udp = || Match::L4Proto(L4::Udp);
+    let mut out = Vec::new();
+    let mut inbound = Vec::new();
+    // Traffic on excluded interfaces is not captured, so it keeps the default zone both ways.
+    if let Some(set) = ifaces {
+        out.push(rule(
+            vec![Match::OifnameIn(set)],
+            Action::Return,
+            "leaving on an excluded interface",
+        ));
+        inbound.push(rule(
+            vec![Match::IifnameIn(set)],
+            Action::Return,
+            "arrived on an excluded interface",
+        ));
+    }
+    type Owner = fn(Cmp, u32) -> Match;
+    for (owner, id) in [
+        (Match::SkUid as Owner, plan.proxy_uid),
+        (Match::SkGid as Owner, plan.proxy_gid),
+    ] {
+        out.push(rule(
+            vec![udp(), Match::Dport(Cmp::Eq, DNS_PORT), owner(Cmp::Eq, id)],
+            Action::CtZone(DNS_ZONE_UPSTREAM_LEG),
+            "the proxy's query upstream",
+        ));
+        out.push(rule(
+            vec![udp(), Match::Sport(dns_port), owner(Cmp::Eq, id)],
+            Action::CtZone(DNS_ZONE_APP_LEG),
+            "the proxy's answer to the app",
+        ));
+    }
+    out.push(rule(
+        vec![udp(), Match::Dport(Cmp::Eq, DNS_PORT)],
+        Action::CtZone(DNS_ZONE_APP_LEG),
+        "the app's query",
+    ));
+    inbound.push(rule(
+        vec![udp(), Match::Sport(DNS_PORT)],
+        Action::CtZone(DNS_ZONE_UPSTREAM_LEG),
+        "an answer from upstream",
+    ));
     vec![
-        Chain {
-            name: "dns_zone_out",
-            hook: Some(Hook {
-                kind: ChainKind::Filter,
-                point: HookPoint::Output,
-                priority: RAW_PRIORITY,
-            }),
-            rules: vec![
-                rule(
-                    vec![
-                        udp(),
-                        Match::Dport(Cmp::Eq, DNS_PORT),
-                        Match::SkUid(Cmp::Eq, plan.proxy_uid),
-                    ],
-                    Action::CtZone(DNS_ZONE_APP),
-                    "the proxy's upstream DNS query",
-                ),
-                rule(
-                    vec![
-                        udp(),
-                        Match::Dport(Cmp::Eq, DNS_PORT),
-                        Match::SkGid(Cmp::Eq, plan.proxy_gid),
-                    ],
-                    Action::CtZone(DNS_ZONE_APP),
-                    "the proxy's upstream DNS query (by gid)",
-                ),
-                rule(
-                    vec![udp(), Match::Dport(Cmp::Eq, DNS_PORT)],
-                    Action::CtZone(DNS_ZONE_UPSTREAM),
-                    "the app's DNS query",
-                ),
-                rule(
-                    vec![
-                        udp(),
-                        Match::SkUid(Cmp::Eq, plan.proxy_uid),
-                        Match::Dport(Cmp::Ne, DNS_PORT),
-                    ],
-                    Action::Return,
-                    "other proxy UDP",
-                ),
-            ],
-        },
-        Chain {
-            name: "dns_zone_in",
-            hook: Some(Hook {
-                kind: ChainKind::Filter,
-                point: HookPoint::Prerouting,
-                priority: RAW_PRIORITY,
-            }),
-            rules: vec![rule(
-                vec![udp(), Match::Dport(Cmp::Eq, dns_port)],
-                Action::CtZone(DNS_ZONE_UPSTREAM),
-                "DNS answered by the proxy, back to the app",
-            )],
-        },
+        base(
+            "dns_zone_out",
+            ChainKind::Filter,
+            HookPoint::Output,
+            RAW_PRIORITY,
+            out,
+        ),
+        base(
+            "dns_zone_in",
+            ChainKind::Filter,
+            HookPoint::Prerouting,
+            RAW_PRIORITY,
+            inbound,
+        ),
     ]
 }
 
@@ -715,6 +838,75 @@ mod tests {
         assert_eq!(last.matches, vec![tcp(), Match::DportIn(SET_IN_PORTS)]);
         assert_eq!(last.action, Action::Redirect(15006));
         assert!(rs.set(SET_IN_EXCLUDE_PORTS).is_none());
+    }
+
+    #[test]
+    fn tproxy_mode_uses_mangle_chains_and_routing() {
+        let rs = build_with(&[(istio::INTERCEPTION_MODE, "TPROXY")]);
+        let names: Vec<_> = rs.chains.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "prerouting",
+                "inbound",
+                "output_mangle",
+                "output",
+                "outbound"
+            ]
+        );
+        assert_eq!(
+            chain(&rs, "prerouting").hook.unwrap().kind,
+            ChainKind::Filter
+        );
+        assert_eq!(
+            chain(&rs, "output_mangle").hook.unwrap().kind,
+            ChainKind::Route
+        );
+        assert_eq!(
+            rs.routing,
+            Some(Routing {
+                mark: 1337,
+                table: 133
+            })
+        );
+        let inbound = chain(&rs, "inbound");
+        let tproxy: Vec<_> = inbound
+            .rules
+            .iter()
+            .filter(|r| matches!(r.action, Action::Tproxy { .. }))
+            .collect();
+        assert_eq!(tproxy.len(), 2, "one per family");
+        // Outbound is REDIRECT mode's.
+        assert_eq!(chain(&rs, "outbound"), chain(&build_with(&[]), "outbound"));
+        assert_eq!(build_with(&[]).routing, None);
+    }
+
+    #[test]
+    fn dns_capture_adds_udp_entry_dns_rules_and_zone_chains() {
+        let rs = build_with(&[(istio::CAPTURE_DNS, "true")]);
+        assert_eq!(chain(&rs, "output").rules.len(), 2);
+        let out = chain(&rs, "outbound");
+        let dns: Vec<_> = out
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Redirect(15053))
+            .collect();
+        assert_eq!(dns.len(), 2, "TCP and UDP");
+        // DNS rules come after the proxy-owner returns and before the localhost return.
+        let pos = |pred: &dyn Fn(&Rule) -> bool| out.rules.iter().position(pred).unwrap();
+        let owner = pos(&|r| r.matches == vec![Match::SkGid(Cmp::Eq, 1337)]);
+        let first_dns = pos(&|r| r.action == Action::Redirect(15053));
+        let localhost = pos(&|r| r.comment == "localhost");
+        assert!(owner < first_dns && first_dns < localhost);
+        let zones = chain(&rs, "dns_zone_out");
+        assert_eq!(zones.hook.unwrap().priority, RAW_PRIORITY);
+        assert!(
+            zones
+                .rules
+                .iter()
+                .all(|r| matches!(r.action, Action::CtZone(_)))
+        );
+        assert!(rs.chains.iter().any(|c| c.name == "dns_zone_in"));
     }
 
     #[test]

@@ -19,17 +19,19 @@ use nix::sys::socket::{self, sockopt};
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "\
 capture-probe [--netns PATH] [--gid N] [--uid N] COMMAND
-  serve --name NAME --port P [--port P...] [--transparent] [--udp P...]
+  serve --name NAME --port P [--port P...] [--transparent] [--udp P...] [--loopback]
         answer TCP connections (IPv4 and IPv6) with one line, until killed; prints `ready`
-        once listening. --udp also echoes UDP datagrams, prefixed with NAME.
-  connect ADDR:PORT [--timeout-ms N]
-        connect, print the server's line; exit 1 if nothing answered
+        once listening. --udp also echoes UDP datagrams, prefixed with NAME. --loopback
+        listens on 127.0.0.1 and ::1 only (as Istio's DNS proxy does).
+  connect ADDR:PORT [--timeout-ms N] [--from IP [--mark N]]
+        connect, print the server's line; exit 1 if nothing answered. --from binds a
+        non-local source address (IP_TRANSPARENT, needs CAP_NET_ADMIN), --mark sets SO_MARK.
   udp ADDR:PORT [--timeout-ms N] [--from-port P]
         send one datagram, print the reply; exit 1 if none";
 
@@ -90,9 +92,19 @@ fn run(mut args: Vec<String>) -> Result<(), String> {
     match cmd.as_str() {
         "serve" => serve(args),
         "connect" => {
+            let from = take(&mut args, "--from").pop();
+            let mark = take(&mut args, "--mark").pop();
             let addr: SocketAddr = num(args.first().ok_or(USAGE)?, "address")?;
-            let mut s = TcpStream::connect_timeout(&addr, timeout)
-                .map_err(|e| format!("connect {addr}: {e}"))?;
+            let mut s = match from {
+                None => TcpStream::connect_timeout(&addr, timeout)
+                    .map_err(|e| format!("connect {addr}: {e}"))?,
+                Some(src) => transparent_connect(
+                    addr,
+                    num(&src, "source address")?,
+                    mark.map(|m| num(&m, "mark")).transpose()?,
+                    timeout,
+                )?,
+            };
             s.set_read_timeout(Some(timeout))
                 .map_err(|e| e.to_string())?;
             let mut line = String::new();
@@ -134,6 +146,31 @@ fn run(mut args: Vec<String>) -> Result<(), String> {
     }
 }
 
+/// Connects from a source address that need not be local (`IP_TRANSPARENT`), optionally
+/// with a socket mark: what a proxy preserving the client's address (Istio's original_src)
+/// does. Needs CAP_NET_ADMIN.
+fn transparent_connect(
+    to: SocketAddr,
+    from: IpAddr,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    let fd = bound(from, 0, socket::SockType::Stream, true)?;
+    if let Some(m) = mark {
+        socket::setsockopt(&fd, sockopt::Mark, &m).map_err(|e| format!("SO_MARK: {e}"))?;
+    }
+    let s = TcpStream::from(fd);
+    socket::setsockopt(
+        &s,
+        sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64),
+    )
+    .map_err(|e| e.to_string())?;
+    socket::connect(s.as_raw_fd(), &socket::SockaddrStorage::from(to))
+        .map_err(|e| format!("connect {to} from {from}: {e}"))?;
+    Ok(s)
+}
+
 /// The original destination of an accepted connection.
 fn original_dst(s: &TcpStream, transparent: bool) -> String {
     if transparent {
@@ -159,15 +196,20 @@ fn original_dst(s: &TcpStream, transparent: bool) -> String {
     }
 }
 
-fn listener(ip: IpAddr, port: u16, transparent: bool) -> Result<TcpListener, String> {
-    use socket::{AddressFamily, SockFlag, SockType, SockaddrStorage};
+/// A bound socket; IPv6 ones are IPv6-only, so an IPv4 and an IPv6 socket share a port.
+fn bound(
+    ip: IpAddr,
+    port: u16,
+    ty: socket::SockType,
+    transparent: bool,
+) -> Result<OwnedFd, String> {
+    use socket::{AddressFamily, SockFlag, SockaddrStorage};
     let fam = if ip.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
-    let fd = socket::socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| e.to_string())?;
+    let fd = socket::socket(fam, ty, SockFlag::SOCK_CLOEXEC, None).map_err(|e| e.to_string())?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
     if ip.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(|e| e.to_string())?;
@@ -179,6 +221,11 @@ fn listener(ip: IpAddr, port: u16, transparent: bool) -> Result<TcpListener, Str
     }
     let addr = SockaddrStorage::from(SocketAddr::new(ip, port));
     socket::bind(fd.as_raw_fd(), &addr).map_err(|e| format!("bind {ip} port {port}: {e}"))?;
+    Ok(fd)
+}
+
+fn listener(ip: IpAddr, port: u16, transparent: bool) -> Result<TcpListener, String> {
+    let fd = bound(ip, port, socket::SockType::Stream, transparent)?;
     socket::listen(&fd, socket::Backlog::new(128).map_err(|e| e.to_string())?)
         .map_err(|e| e.to_string())?;
     Ok(TcpListener::from(fd))
@@ -189,6 +236,20 @@ fn serve(mut args: Vec<String>) -> Result<(), String> {
         .pop()
         .unwrap_or_else(|| "server".into());
     let transparent = take_bool(&mut args, "--transparent");
+    // Like Istio's DNS proxy: listen on localhost only (a redirect in OUTPUT lands there, and
+    // UDP answers then leave from the address the conntrack entry expects).
+    let loopback = take_bool(&mut args, "--loopback");
+    let (any4, any6) = if loopback {
+        (
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        )
+    } else {
+        (
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        )
+    };
     let ports: Vec<u16> = take(&mut args, "--port")
         .iter()
         .map(|p| num(p, "port"))
@@ -200,17 +261,10 @@ fn serve(mut args: Vec<String>) -> Result<(), String> {
     let mut threads = Vec::new();
     for &port in &ports {
         // IPv6 may be absent (no address yet, or disabled); IPv4 must work.
-        let v6 = listener(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port, transparent);
-        for l in [
-            Some(listener(
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                port,
-                transparent,
-            )?),
-            v6.ok(),
-        ]
-        .into_iter()
-        .flatten()
+        let v6 = listener(any6, port, transparent);
+        for l in [Some(listener(any4, port, transparent)?), v6.ok()]
+            .into_iter()
+            .flatten()
         {
             let name = name.clone();
             threads.push(std::thread::spawn(move || {
@@ -234,16 +288,12 @@ fn serve(mut args: Vec<String>) -> Result<(), String> {
         }
     }
     for &port in &udp {
-        for ip in [
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        ] {
-            let Ok(s) = UdpSocket::bind(SocketAddr::new(ip, port)) else {
-                continue;
+        for ip in [any4, any6] {
+            let s = match bound(ip, port, socket::SockType::Datagram, false) {
+                Ok(fd) => UdpSocket::from(fd),
+                Err(e) if ip.is_ipv4() => return Err(e),
+                Err(_) => continue,
             };
-            if ip.is_ipv6() {
-                let _ = socket::setsockopt(&s, sockopt::Ipv6V6Only, &true);
-            }
             let name = name.clone();
             threads.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 1500];

@@ -1,0 +1,400 @@
+//! Policy routing for TPROXY, over rtnetlink, inside the pod's namespace:
+//!
+//!   ip rule add fwmark 1337 lookup 133                (IPv4 and IPv6)
+//!   ip route add local default dev lo table 133       (IPv4 and IPv6)
+//!   ip -6 addr add ::6/128 dev lo                     (the proxy's IPv6 passthrough source)
+//!
+//! Packets TPROXY marked are routed to the local stack through table 133, whatever their
+//! destination. Messages are built and parsed here byte by byte: no `unsafe`, no `ip` binary.
+
+use crate::nftnl_ext::MsgBuf;
+use std::io;
+use std::net::Ipv6Addr;
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_GETADDR: u16 = 22;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+const RTM_NEWRULE: u16 = 32;
+const RTM_DELRULE: u16 = 33;
+const RTM_GETRULE: u16 = 34;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+const FR_ACT_TO_TBL: u8 = 1;
+const FRA_PRIORITY: u16 = 6;
+const FRA_FWMARK: u16 = 10;
+const FRA_TABLE: u16 = 15;
+const FRA_FWMASK: u16 = 16;
+
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+const RTN_LOCAL: u8 = 2;
+const RT_SCOPE_HOST: u8 = 254;
+const RTPROT_STATIC: u8 = 4;
+
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFA_F_NODAD: u8 = 0x02;
+
+/// Priority of our ip rules: before the `main` table (32766), like `ip rule add` would pick.
+const RULE_PRIORITY: u32 = 32765;
+
+/// The proxy's IPv6 inbound-passthrough source address.
+pub const PASSTHROUGH6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// One routing object we manage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Obj {
+    /// `ip [-6] rule add fwmark MARK lookup TABLE`
+    Rule { v6: bool },
+    /// `ip [-6] route add local default dev lo table TABLE`
+    Route { v6: bool },
+    /// `ip -6 addr add ::6/128 dev lo`
+    Passthrough6,
+}
+
+/// The TPROXY routing setup: which mark selects which table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routing {
+    pub mark: u32,
+    pub table: u32,
+}
+
+impl Routing {
+    /// The objects for this namespace, in the order they are added (removed in reverse).
+    pub fn objects(&self, ipv6: bool) -> Vec<Obj> {
+        let mut v = vec![Obj::Rule { v6: false }, Obj::Route { v6: false }];
+        if ipv6 {
+            v.extend([
+                Obj::Rule { v6: true },
+                Obj::Route { v6: true },
+                Obj::Passthrough6,
+            ]);
+        }
+        v
+    }
+
+    pub fn describe(&self, o: Obj) -> String {
+        let six = |v6: bool| if v6 { "-6 " } else { "" };
+        match o {
+            Obj::Rule { v6 } => format!(
+                "ip {}rule fwmark {} lookup {}",
+                six(v6),
+                self.mark,
+                self.table
+            ),
+            Obj::Route { v6 } => format!(
+                "ip {}route local default dev lo table {}",
+                six(v6),
+                self.table
+            ),
+            Obj::Passthrough6 => "ip -6 addr ::6/128 dev lo".to_string(),
+        }
+    }
+}
+
+fn attr(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
+    let len = 4 + data.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(data);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+fn message(ty: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(16 + body.len());
+    m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn family(v6: bool) -> u8 {
+    if v6 { AF_INET6 } else { AF_INET }
+}
+
+/// Netlink attributes of a message body after its fixed header: (type, payload).
+fn attrs(body: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while rest.len() >= 4 {
+        let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
+        let ty = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
+        if len < 4 || len > rest.len() {
+            break;
+        }
+        out.push((ty, &rest[4..len]));
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+    }
+    out
+}
+
+fn u32_attr(a: &[(u16, &[u8])], ty: u16) -> Option<u32> {
+    a.iter()
+        .find(|(t, _)| *t == ty)
+        .and_then(|(_, d)| d.get(..4))
+        .and_then(|d| d.try_into().ok())
+        .map(u32::from_ne_bytes)
+}
+
+/// An rtnetlink socket of the namespace it was opened in.
+pub struct Rtnl {
+    sock: mnl::Socket,
+    buf: MsgBuf,
+    seq: u32,
+    lo: u32,
+}
+
+impl Rtnl {
+    /// Opens the socket; call inside the target namespace (it also resolves `lo` there).
+    pub fn open() -> io::Result<Rtnl> {
+        let lo = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)?;
+        Ok(Rtnl {
+            sock: mnl::Socket::new(mnl::Bus::Route)?,
+            buf: MsgBuf::new(),
+            seq: 1,
+            lo,
+        })
+    }
+
+    fn body(&self, r: &Routing, o: Obj, for_add: bool) -> (u16, u16, Vec<u8>) {
+        match o {
+            Obj::Rule { v6 } => {
+                // struct fib_rule_hdr { family, dst_len, src_len, tos, table, res1, res2, action; u32 flags }
+                let mut b = vec![family(v6), 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL, 0, 0, 0, 0];
+                attr(&mut b, FRA_FWMARK, &r.mark.to_ne_bytes());
+                attr(&mut b, FRA_FWMASK, &u32::MAX.to_ne_bytes());
+                attr(&mut b, FRA_TABLE, &r.table.to_ne_bytes());
+                if for_add {
+                    attr(&mut b, FRA_PRIORITY, &RULE_PRIORITY.to_ne_bytes());
+                }
+                (RTM_NEWRULE, RTM_DELRULE, b)
+            }
+            Obj::Route { v6 } => {
+                // struct rtmsg { family, dst_len, src_len, tos, table, protocol, scope, type; u32 flags }
+                let table = u8::try_from(r.table).unwrap_or(252); // 252: RT_TABLE_COMPAT
+                let mut b = vec![
+                    family(v6),
+                    0,
+                    0,
+                    0,
+                    table,
+                    RTPROT_STATIC,
+                    RT_SCOPE_HOST,
+                    RTN_LOCAL,
+                    0,
+                    0,
+                    0,
+                    0,
+                ];
+                let zero = if v6 { vec![0u8; 16] } else { vec![0u8; 4] };
+                attr(&mut b, RTA_DST, &zero);
+                attr(&mut b, RTA_TABLE, &r.table.to_ne_bytes());
+                attr(&mut b, RTA_OIF, &self.lo.to_ne_bytes());
+                (RTM_NEWROUTE, RTM_DELROUTE, b)
+            }
+            Obj::Passthrough6 => {
+                // struct ifaddrmsg { family, prefixlen, flags, scope; u32 index }
+                let mut b = vec![AF_INET6, 128, IFA_F_NODAD, 0];
+                b.extend_from_slice(&self.lo.to_ne_bytes());
+                attr(&mut b, IFA_LOCAL, &PASSTHROUGH6.octets());
+                attr(&mut b, IFA_ADDRESS, &PASSTHROUGH6.octets());
+                (RTM_NEWADDR, RTM_DELADDR, b)
+            }
+        }
+    }
+
+    /// Sends one request and waits for its ACK; returns the errno (0 = done).
+    fn request(&mut self, msg: Vec<u8>) -> io::Result<i32> {
+        let seq = u32::from_ne_bytes([msg[8], msg[9], msg[10], msg[11]]);
+        self.sock.send(&msg)?;
+        loop {
+            let n = self.sock.recv_raw(self.buf.bytes())?;
+            for m in mnl::NlMessages::new(&self.buf.bytes()[..n]) {
+                let m = m?;
+                if let Some((s, errno)) = ack(m)
+                    && s == seq
+                {
+                    return Ok(errno);
+                }
+            }
+        }
+    }
+
+    /// Runs a dump and returns each reply message's body (after the netlink header).
+    fn dump(&mut self, ty: u16, body: Vec<u8>) -> io::Result<Vec<Vec<u8>>> {
+        self.seq += 1;
+        let seq = self.seq;
+        self.sock.send(&message(ty, NLM_F_DUMP, seq, &body))?;
+        let mut out = Vec::new();
+        loop {
+            let n = self.sock.recv_raw(self.buf.bytes())?;
+            for m in mnl::NlMessages::new(&self.buf.bytes()[..n]) {
+                let m = m?;
+                if m.len() < 16 || u32::from_ne_bytes([m[8], m[9], m[10], m[11]]) != seq {
+                    continue;
+                }
+                match u16::from_ne_bytes([m[4], m[5]]) {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let errno = ack(m).map_or(0, |(_, e)| e);
+                        if errno != 0 {
+                            return Err(io::Error::from_raw_os_error(errno));
+                        }
+                        return Ok(out);
+                    }
+                    _ => out.push(m[16..].to_vec()),
+                }
+            }
+        }
+    }
+
+    /// Adds `o`; `Ok(false)` when it was already there.
+    pub fn add(&mut self, r: &Routing, o: Obj) -> io::Result<bool> {
+        if self.exists(r, o)? {
+            return Ok(false);
+        }
+        let (new, _, body) = self.body(r, o, true);
+        self.seq += 1;
+        match self.request(message(
+            new,
+            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+            self.seq,
+            &body,
+        ))? {
+            0 => Ok(true),
+            libc::EEXIST => Ok(false),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// Deletes `o`; `Ok(false)` when it was not there.
+    pub fn del(&mut self, r: &Routing, o: Obj) -> io::Result<bool> {
+        let (_, del, body) = self.body(r, o, false);
+        self.seq += 1;
+        match self.request(message(del, NLM_F_ACK, self.seq, &body))? {
+            0 => Ok(true),
+            libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL => Ok(false),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// Whether `o` is present, read back from the kernel's dumps.
+    pub fn exists(&mut self, r: &Routing, o: Obj) -> io::Result<bool> {
+        Ok(match o {
+            Obj::Rule { v6 } => self
+                .dump(
+                    RTM_GETRULE,
+                    vec![family(v6), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                )?
+                .iter()
+                .any(|b| {
+                    b.len() >= 12 && b[7] == FR_ACT_TO_TBL && {
+                        let a = attrs(&b[12..]);
+                        u32_attr(&a, FRA_FWMARK) == Some(r.mark)
+                            && u32_attr(&a, FRA_TABLE).unwrap_or(b[4] as u32) == r.table
+                    }
+                }),
+            Obj::Route { v6 } => self
+                .dump(
+                    RTM_GETROUTE,
+                    vec![family(v6), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                )?
+                .iter()
+                .any(|b| {
+                    b.len() >= 12 && b[1] == 0 && b[7] == RTN_LOCAL && {
+                        let a = attrs(&b[12..]);
+                        u32_attr(&a, RTA_TABLE).unwrap_or(b[4] as u32) == r.table
+                            && u32_attr(&a, RTA_OIF) == Some(self.lo)
+                    }
+                }),
+            Obj::Passthrough6 => self
+                .dump(RTM_GETADDR, vec![AF_INET6, 0, 0, 0, 0, 0, 0, 0])?
+                .iter()
+                .any(|b| {
+                    b.len() >= 8
+                        && b[1] == 128
+                        && u32::from_ne_bytes([b[4], b[5], b[6], b[7]]) == self.lo
+                        && attrs(&b[8..]).iter().any(|(t, d)| {
+                            (*t == IFA_ADDRESS || *t == IFA_LOCAL) && *d == PASSTHROUGH6.octets()
+                        })
+                }),
+        })
+    }
+}
+
+/// For an `NLMSG_ERROR`: (sequence number it answers, errno; 0 = ACK).
+fn ack(m: &[u8]) -> Option<(u32, i32)> {
+    if m.len() < 36 || u16::from_ne_bytes([m[4], m[5]]) != NLMSG_ERROR {
+        return None;
+    }
+    let err = i32::from_ne_bytes([m[16], m[17], m[18], m[19]]);
+    let seq = u32::from_ne_bytes([m[28], m[29], m[30], m[31]]);
+    Some((seq, -err))
+}
+
+/// Whether IPv6 is usable in the calling thread's namespace (call inside it).
+pub fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+        .is_ok_and(|s| s.trim() == "0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_round_trip_and_pad() {
+        let mut b = Vec::new();
+        attr(&mut b, FRA_FWMARK, &1337u32.to_ne_bytes());
+        attr(&mut b, 99, &[1, 2, 3]);
+        attr(&mut b, FRA_TABLE, &133u32.to_ne_bytes());
+        assert_eq!(b.len(), 8 + 8 + 8);
+        let a = attrs(&b);
+        assert_eq!(u32_attr(&a, FRA_FWMARK), Some(1337));
+        assert_eq!(u32_attr(&a, FRA_TABLE), Some(133));
+        assert_eq!(a[1], (99, &[1u8, 2, 3][..]));
+    }
+
+    #[test]
+    fn messages_have_the_netlink_header() {
+        let m = message(RTM_NEWRULE, NLM_F_ACK, 7, &[0; 12]);
+        assert_eq!(u32::from_ne_bytes([m[0], m[1], m[2], m[3]]), 28);
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), RTM_NEWRULE);
+        assert_eq!(u16::from_ne_bytes([m[6], m[7]]), NLM_F_ACK | NLM_F_REQUEST);
+        assert_eq!(u32::from_ne_bytes([m[8], m[9], m[10], m[11]]), 7);
+    }
+
+    #[test]
+    fn objects_and_descriptions() {
+        let r = Routing {
+            mark: 1337,
+            table: 133,
+        };
+        assert_eq!(r.objects(false).len(), 2);
+        assert_eq!(r.objects(true).len(), 5);
+        assert_eq!(
+            r.describe(Obj::Rule { v6: true }),
+            "ip -6 rule fwmark 1337 lookup 133"
+        );
+        // Truncated or garbage input never panics.
+        assert!(attrs(&[0xff, 0xff, 1]).is_empty());
+        assert_eq!(ack(&[0u8; 10]), None);
+    }
+}
