@@ -17,5 +17,7 @@ echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== shellcheck"
 shellcheck scripts/*.sh .ci/run
+echo "== deploy/ manifests"
+scripts/check-manifests.sh
 echo "== cargo test"
 cargo test --all-targets "$@"

@@ -6,7 +6,7 @@ use crate::{nft_text, ruleset};
 use serde_json::Value;
 use std::process::ExitCode;
 
-const USAGE: &str = "\
+const USAGE_HEAD: &str = "\
 mesh-redirect: chained CNI plugin installing service-mesh traffic capture as nftables
 
 As a CNI plugin (CNI_COMMAND set) it reads the network configuration on stdin.
@@ -17,17 +17,31 @@ As a command:
       --config       the mesh-redirect conflist entry (or a whole conflist) as JSON
       --annotations  the pod's annotations: a JSON object, or a pod from `kubectl get -o json`
       --namespace    the pod's namespace (for excludeNamespaces)
-  mesh-redirect version
-  mesh-redirect help";
+";
+
+fn usage() -> String {
+    format!(
+        "{USAGE_HEAD}{}\n  mesh-redirect version\n  mesh-redirect help",
+        crate::install::USAGE
+    )
+}
 
 /// Runs a CLI command; returns the process exit code.
 pub fn main(args: Vec<String>) -> ExitCode {
     let Some((cmd, rest)) = args.split_first() else {
-        eprintln!("{USAGE}");
+        eprintln!("{}", usage());
         return ExitCode::from(2);
     };
     let result = match cmd.as_str() {
         "plan" => plan(rest),
+        "install" => {
+            return match crate::install::Options::parse(rest, |k| std::env::var(k).ok()) {
+                Ok(o) => crate::install::run_install(o),
+                Err(e) => report(Err(e)),
+            };
+        }
+        "uninstall" => crate::install::Options::parse(rest, |k| std::env::var(k).ok())
+            .and_then(|o| crate::install::cleanup(&o).map_err(CliError::Failed)),
         "version" | "--version" | "-V" => {
             println!("mesh-redirect {}", env!("CARGO_PKG_VERSION"));
             println!(
@@ -37,15 +51,19 @@ pub fn main(args: Vec<String>) -> ExitCode {
             Ok(())
         }
         "help" | "--help" | "-h" => {
-            println!("{USAGE}");
+            println!("{}", usage());
             Ok(())
         }
         other => Err(CliError::Usage(format!("unknown command {other:?}"))),
     };
+    report(result)
+}
+
+fn report(result: Result<(), CliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Usage(m)) => {
-            eprintln!("mesh-redirect: {m}\n\n{USAGE}");
+            eprintln!("mesh-redirect: {m}\n\n{}", usage());
             ExitCode::from(2)
         }
         Err(CliError::Failed(m)) => {

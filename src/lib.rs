@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod install;
 pub mod kernel;
 pub mod log;
 pub mod netns;

@@ -37,7 +37,8 @@ pub struct PluginError {
     pub plugin: String,
     pub stdout: String,
     pub stderr: String,
-    pub json: Option<Value>,
+    /// The error JSON, when the plugin printed one (boxed: keeps `Result`s small).
+    pub json: Option<Box<Value>>,
 }
 
 impl std::fmt::Display for PluginError {
@@ -74,7 +75,7 @@ impl Runtime {
             .to_string();
         let fail = |stdout: String, stderr: String| PluginError {
             plugin: plugin.clone(),
-            json: serde_json::from_str(&stdout).ok(),
+            json: serde_json::from_str(&stdout).ok().map(Box::new),
             stdout,
             stderr,
         };

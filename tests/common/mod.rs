@@ -248,13 +248,18 @@ pub struct Pod {
     pub result: Option<Value>,
     pub ip4: String,
     pub ip6: String,
+    pub cni_path: Vec<PathBuf>,
 }
 
 pub fn runtime(node: &Netns) -> Runtime {
     Runtime {
-        cni_path: vec![PathBuf::from(REFERENCE_PLUGINS), plugin_dir()],
+        cni_path: default_cni_path(),
         exec_netns: Some(node.name.clone()),
     }
+}
+
+pub fn default_cni_path() -> Vec<PathBuf> {
+    vec![PathBuf::from(REFERENCE_PLUGINS), plugin_dir()]
 }
 
 pub fn plugin_dir() -> PathBuf {
@@ -308,11 +313,33 @@ impl Pod {
         version: &str,
         namespace: &str,
     ) -> Result<Pod, PluginError> {
-        require_root();
-        let node = Netns::new("mrt-node-");
-        let pod = Netns::new("mrt-pod-");
         let tmp = TempDir::new();
         let list = conflist(tmp.path(), version, mesh);
+        Self::from_list(list, tmp, annotations, namespace)
+    }
+
+    /// A pod attached by the chain of `list` (whose host-local state lives in `tmp`).
+    pub fn from_list(
+        list: Value,
+        tmp: TempDir,
+        annotations: Option<Value>,
+        namespace: &str,
+    ) -> Result<Pod, PluginError> {
+        Self::from_list_in(list, tmp, annotations, namespace, default_cni_path())
+    }
+
+    /// The same, finding plugins in `cni_path`.
+    pub fn from_list_in(
+        list: Value,
+        tmp: TempDir,
+        annotations: Option<Value>,
+        namespace: &str,
+        cni_path: Vec<PathBuf>,
+    ) -> Result<Pod, PluginError> {
+        require_root();
+        let version = list["cniVersion"].as_str().unwrap_or("1.0.0").to_string();
+        let node = Netns::new("mrt-node-");
+        let pod = Netns::new("mrt-pod-");
         let mut att = Attachment {
             container_id: unique("ctr"),
             netns: pod.path(),
@@ -329,7 +356,10 @@ impl Pod {
             att.cap_args
                 .insert("io.kubernetes.cri.pod-annotations".into(), a);
         }
-        let rt = runtime(&node);
+        let rt = Runtime {
+            cni_path: cni_path.clone(),
+            exec_netns: Some(node.name.clone()),
+        };
         // The runtime brings lo up with the loopback plugin, outside the pod's conflist.
         let lo = json!({"cniVersion": version, "name": "cni-loopback", "type": "loopback"});
         rt.exec(
@@ -349,6 +379,7 @@ impl Pod {
             result: None,
             ip4: String::new(),
             ip6: String::new(),
+            cni_path,
         };
         let result = rt.add(&p.list, &p.att)?;
         for ip in result["ips"].as_array().into_iter().flatten() {
@@ -365,7 +396,10 @@ impl Pod {
     }
 
     pub fn runtime(&self) -> Runtime {
-        runtime(&self.node)
+        Runtime {
+            cni_path: self.cni_path.clone(),
+            exec_netns: Some(self.node.name.clone()),
+        }
     }
 
     /// The stand-in proxy: uid/gid 1337, outbound 15001, inbound 15006.

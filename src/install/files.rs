@@ -1,0 +1,261 @@
+//! Files on the node: atomic writes that keep modes, the plugin binary and the libraries it
+//! needs, backups of the configs we edit. Nothing here follows a symlink out of its directory:
+//! temporary files are created exclusively and without following links, and a rename replaces
+//! a directory entry, never what a link points to.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The binary's name in the CNI bin dir.
+pub const BINARY: &str = "mesh-redirect";
+/// Where the shared libraries it needs go, next to it. The binary's RUNPATH
+/// (`$ORIGIN/mesh-redirect.libs`, see build.rs) finds them there before the node's own.
+pub const LIBS_DIR: &str = "mesh-redirect.libs";
+/// Suffix of the backups of configs we changed: not a CNI config extension, so runtimes skip it.
+pub const BACKUP_SUFFIX: &str = ".mesh-redirect-orig";
+
+/// Writes `bytes` to `dir/name` atomically: a new temporary file in the same directory, synced,
+/// given `mode`, then renamed over the target. Readers see the old file or the new one.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let create = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+    };
+    let res = (|| {
+        let mut f = match create() {
+            // A leftover of a crashed run (or anything else squatting on our name): ours to drop.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&tmp)?;
+                create()?
+            }
+            other => other?,
+        };
+        f.write_all(bytes)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        // Closed before it becomes visible: exec of a file open for writing fails (ETXTBSY).
+        drop(f);
+        fs::rename(&tmp, dir.join(name))?;
+        // The rename itself must survive a crash too.
+        File::open(dir)?.sync_all()
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Reads a regular file without following a symlink at its last component.
+pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let mut v = Vec::new();
+    f.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Permission bits of an existing file (0644 when it is gone).
+pub fn mode_of(path: &Path) -> u32 {
+    fs::symlink_metadata(path)
+        .map(|m| m.mode() & 0o7777)
+        .unwrap_or(0o644)
+}
+
+/// Copies `src` to `dir/name` atomically with `mode`, unless an identical file is already
+/// there. Returns whether it wrote.
+pub fn install_file(src: &Path, dir: &Path, name: &str, mode: u32) -> io::Result<bool> {
+    let want = fs::read(src)?;
+    if let Ok(have) = read_regular(&dir.join(name))
+        && have == want
+        && mode_of(&dir.join(name)) == mode
+    {
+        return Ok(false);
+    }
+    write_atomic(dir, name, &want, mode)?;
+    Ok(true)
+}
+
+/// The shared libraries the running binary loaded that a node might lack (libnftnl, libmnl).
+pub fn bundled_libs() -> Vec<PathBuf> {
+    let maps = fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut libs: Vec<PathBuf> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| {
+            let name = Path::new(p)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("");
+            name.starts_with("libnftnl.so") || name.starts_with("libmnl.so")
+        })
+        .map(PathBuf::from)
+        .collect();
+    libs.sort();
+    libs.dedup();
+    libs
+}
+
+/// Installs the running executable as `bin_dir/mesh-redirect`, its libraries first (so the
+/// binary never appears before what it needs). Returns whether anything was written.
+pub fn install_binary(bin_dir: &Path) -> io::Result<bool> {
+    let libs_dir = bin_dir.join(LIBS_DIR);
+    let mut wrote = false;
+    let libs = bundled_libs();
+    if !libs.is_empty() {
+        match fs::symlink_metadata(&libs_dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::other(format!(
+                    "{} exists and is not a directory",
+                    libs_dir.display()
+                )));
+            }
+            Err(_) => fs::DirBuilder::new().mode(0o755).create(&libs_dir)?,
+        }
+        for lib in &libs {
+            // The soname file the binary asks for (e.g. libnftnl.so.11), with the real bytes.
+            let name = lib.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let soname = soname(name);
+            wrote |= install_file(lib, &libs_dir, &soname, 0o644)?;
+        }
+    }
+    wrote |= install_file(Path::new("/proc/self/exe"), bin_dir, BINARY, 0o755)?;
+    Ok(wrote)
+}
+
+/// `libnftnl.so.11.6.0` → `libnftnl.so.11` (what the binary's NEEDED entry names).
+fn soname(file: &str) -> String {
+    match file.find(".so.") {
+        Some(i) => {
+            let rest = &file[i + 4..];
+            let major = rest.split('.').next().unwrap_or(rest);
+            format!("{}.so.{major}", &file[..i])
+        }
+        None => file.to_string(),
+    }
+}
+
+/// Whether `bin_dir/mesh-redirect` is byte for byte the running executable.
+pub fn binary_is_current(bin_dir: &Path) -> bool {
+    match (
+        fs::read("/proc/self/exe"),
+        read_regular(&bin_dir.join(BINARY)),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// (inode, mtime, size) of a file, to notice it changed without reading it.
+pub fn stamp(path: &Path) -> Option<(u64, i64, u64)> {
+    fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.mtime_nsec() + m.mtime() * 1_000_000_000, m.len()))
+}
+
+/// Removes the binary and its libraries.
+pub fn remove_binary(bin_dir: &Path) -> io::Result<()> {
+    match fs::remove_file(bin_dir.join(BINARY)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let libs = bin_dir.join(LIBS_DIR);
+    if fs::symlink_metadata(&libs).is_ok_and(|m| m.is_dir()) {
+        fs::remove_dir_all(&libs)?;
+    }
+    Ok(())
+}
+
+/// The highest `GLIBC_x.y` symbol version the binary needs (what a node's libc must provide).
+pub fn glibc_requirement(binary: &[u8]) -> Option<(u32, u32)> {
+    let needle = b"GLIBC_2.";
+    binary
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .filter_map(|(i, _)| {
+            let rest = &binary[i + needle.len()..];
+            let end = rest
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .unwrap_or(rest.len());
+            std::str::from_utf8(&rest[..end])
+                .ok()?
+                .parse()
+                .ok()
+                .map(|minor| (2, minor))
+        })
+        .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir() -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("mr-files-{}-{}", std::process::id(), rand_suffix()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rand_suffix() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    #[test]
+    fn atomic_write_sets_mode_and_replaces_symlinks_not_their_targets() {
+        let d = tmpdir();
+        write_atomic(&d, "a.conflist", b"one", 0o600).unwrap();
+        assert_eq!(fs::read(d.join("a.conflist")).unwrap(), b"one");
+        assert_eq!(mode_of(&d.join("a.conflist")), 0o600);
+        // A symlink pointing out of the directory: the link is replaced, the target untouched.
+        let outside = tmpdir().join("victim");
+        fs::write(&outside, b"keep").unwrap();
+        std::os::unix::fs::symlink(&outside, d.join("b.conf")).unwrap();
+        assert!(
+            read_regular(&d.join("b.conf")).is_err(),
+            "reading does not follow the link"
+        );
+        write_atomic(&d, "b.conf", b"new", 0o644).unwrap();
+        assert_eq!(fs::read(&outside).unwrap(), b"keep");
+        assert!(fs::symlink_metadata(d.join("b.conf")).unwrap().is_file());
+        // No temporary files left.
+        let names: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn sonames_and_glibc() {
+        assert_eq!(soname("libnftnl.so.11.6.0"), "libnftnl.so.11");
+        assert_eq!(soname("libmnl.so.0"), "libmnl.so.0");
+        assert_eq!(
+            glibc_requirement(b"xx GLIBC_2.3\0GLIBC_2.34\0GLIBC_2.2.5"),
+            Some((2, 34))
+        );
+        assert_eq!(glibc_requirement(b"none"), None);
+    }
+}
