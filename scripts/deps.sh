@@ -9,6 +9,7 @@ pkgs=(
   containernetworking-plugins              # tests: the reference bridge/host-local/loopback/portmap
   nftables                                 # inspect rulesets (never used to apply them)
   shellcheck                               # lint scripts
+  strace                                   # tests: prove the plugin execs nothing, opens only its netns
 )
 if [ "${MESH_REDIRECT_DEPS_EXTRA:-}" != "" ]; then
   # shellcheck disable=SC2206
