@@ -6,36 +6,11 @@ mod common;
 use common::cnichain::Attachment;
 use common::*;
 use serde_json::{Value, json};
-use std::io::Write;
 use std::process::{Command, Stdio};
 
-/// Runs mesh-redirect with raw stdin bytes and this pod's env; returns (success, stdout JSON).
-fn raw(pod: &Pod, command: &str, stdin: &[u8], netns: &str) -> (bool, Value) {
-    let args: Vec<String> = pod
-        .att
-        .args
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let mut child = Command::new(PLUGIN)
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", &pod.att.container_id)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", REFERENCE_PLUGINS)
-        .env("CNI_ARGS", args.join(";"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin_pipe = child.stdin.take().unwrap();
-    // A plugin may stop reading early (bounded read): ignore EPIPE.
-    let _ = stdin_pipe.write_all(stdin);
-    drop(stdin_pipe);
-    let out = child.wait_with_output().unwrap();
-    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.success(), v)
+/// Runs mesh-redirect with raw stdin bytes on `netns`; returns (success, stdout JSON).
+fn raw(command: &str, stdin: &[u8], netns: &str) -> (bool, Value) {
+    invoke(command, netns, stdin, &[])
 }
 
 /// ADD with `conf` must fail with `code`, mention every `needles`, and leave the ruleset as is.
@@ -46,7 +21,7 @@ fn refused_and_unchanged(pod: &Pod, conf: &[u8], code: u64, needles: &[&str]) {
         before.contains("mesh_redirect"),
         "the pod should already have its table"
     );
-    let (ok, out) = raw(pod, "ADD", conf, &pod.pod.path());
+    let (ok, out) = raw("ADD", conf, &pod.pod.path());
     assert!(!ok, "ADD should fail: {out}");
     assert_eq!(out["code"], code, "{out}");
     let msg = out["msg"].as_str().unwrap_or_default();
@@ -143,7 +118,7 @@ fn missing_env_is_code_4() {
 fn missing_or_bogus_netns_is_code_101() {
     let pod = Pod::meshed(&[]);
     let conf = pod.mesh_conf().to_string().into_bytes();
-    let (ok, out) = raw(&pod, "ADD", &conf, "/run/netns/does-not-exist");
+    let (ok, out) = raw("ADD", &conf, "/run/netns/does-not-exist");
     assert!(!ok);
     assert_eq!(out["code"], 101, "{out}");
     assert!(
@@ -155,7 +130,7 @@ fn missing_or_bogus_netns_is_code_101() {
     // A regular file where the netns should be.
     let tmp = TempDir::new();
     let file = write_file(tmp.path(), "netns", "");
-    let (ok, out) = raw(&pod, "ADD", &conf, &file.to_string_lossy());
+    let (ok, out) = raw("ADD", &conf, &file.to_string_lossy());
     assert!(!ok);
     assert_eq!(out["code"], 101, "{out}");
     assert!(
@@ -166,13 +141,13 @@ fn missing_or_bogus_netns_is_code_101() {
         "{out}"
     );
     // Our own (the host's) namespace is refused.
-    let (ok, out) = raw(&pod, "ADD", &conf, "/proc/self/ns/net");
+    let (ok, out) = raw("ADD", &conf, "/proc/self/ns/net");
     assert!(!ok);
     assert_eq!(out["code"], 101, "{out}");
     assert!(out["msg"].as_str().unwrap().contains("own"), "{out}");
     // DEL of a gone or torn-down netns succeeds.
-    assert!(raw(&pod, "DEL", &conf, "/run/netns/does-not-exist").0);
-    assert!(raw(&pod, "DEL", &conf, &file.to_string_lossy()).0);
+    assert!(raw("DEL", &conf, "/run/netns/does-not-exist").0);
+    assert!(raw("DEL", &conf, &file.to_string_lossy()).0);
 }
 
 #[test]
@@ -181,25 +156,7 @@ fn kernel_refusal_is_code_102_with_errno_and_nothing_changes() {
     // delete it, so the whole batch is rejected.
     require_root();
     let pod = Pod::with(Some(json!({"app": "x"})), json!({})).unwrap();
-    let mut holder = Command::new("ip")
-        .args(["netns", "exec", &pod.pod.name, "nft", "-i"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = holder.stdin.take().unwrap();
-    writeln!(stdin, "add table inet mesh_redirect {{ flags owner; }}").unwrap();
-    writeln!(stdin, "add chain inet mesh_redirect mine").unwrap();
-    stdin.flush().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !pod.pod.ruleset().contains("chain mine") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nft -i did not create the owned table"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let _held = OwnedTable::hold(&pod.pod);
     let before = pod.pod.ruleset();
     let mut conf = pod.mesh_conf();
     conf["runtimeConfig"]["io.kubernetes.cri.pod-annotations"] = json!({STATUS: "{}"});
@@ -212,9 +169,6 @@ fn kernel_refusal_is_code_102_with_errno_and_nothing_changes() {
         "{msg}"
     );
     assert_eq!(pod.pod.ruleset(), before);
-    drop(stdin);
-    let _ = holder.kill();
-    let _ = holder.wait();
 }
 
 #[test]

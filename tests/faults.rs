@@ -7,49 +7,11 @@ use common::*;
 use mesh_redirect::kernel::Kernel;
 use mesh_redirect::netns::Netns as PodNetns;
 use mesh_redirect::ruleset::{Action, Chain, ChainKind, Hook, HookPoint, Match, Rule, Ruleset};
-use serde_json::{Value, json};
-use std::io::Write;
+use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-/// The ADD config for a meshed pod (`extra` annotations), with a fixed prevResult.
-fn add_conf(extra: &[(&str, &str)]) -> Value {
-    let mut ann = json!({STATUS: "{}"});
-    for (k, v) in extra {
-        ann[*k] = json!(v);
-    }
-    json!({"cniVersion": "1.0.0", "name": "k8s", "type": "mesh-redirect",
-        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": ann},
-        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}})
-}
-
-/// Runs the plugin binary: (exit ok, stdout JSON or Null).
 fn plugin(cmd: &str, netns: &str, stdin: &[u8], env: &[(&str, &str)]) -> (bool, Value) {
-    let mut c = Command::new(PLUGIN);
-    c.env_clear()
-        .env("CNI_COMMAND", cmd)
-        .env("CNI_CONTAINERID", "fault-test")
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    let _ = pipe.write_all(stdin);
-    drop(pipe);
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
-    )
+    invoke(cmd, netns, stdin, env)
 }
 
 fn add(netns: &str, conf: &Value) -> (bool, Value) {
@@ -59,7 +21,7 @@ fn add(netns: &str, conf: &Value) -> (bool, Value) {
 #[test]
 fn netns_vanishing_during_add_is_success_or_101_never_half() {
     require_root();
-    let conf = add_conf(&[]);
+    let conf = meshed_conf(&[]);
     let mut outcomes = (0, 0);
     for _ in 0..60 {
         let ns = Netns::new("mrt-vanish-");
@@ -93,7 +55,7 @@ fn dangling_symlink_and_directory_netns_paths_are_101() {
     let dir = tmp.path().join("a-dir");
     std::fs::create_dir(&dir).unwrap();
     for p in [link, dir] {
-        let (ok, out) = add(&p.to_string_lossy(), &add_conf(&[]));
+        let (ok, out) = add(&p.to_string_lossy(), &meshed_conf(&[]));
         assert!(!ok);
         assert_eq!(out["code"], 101, "{}: {out}", p.display());
         assert!(
@@ -101,7 +63,7 @@ fn dangling_symlink_and_directory_netns_paths_are_101() {
             "{out}"
         );
     }
-    let (ok, _) = add("relative/path", &add_conf(&[]));
+    let (ok, _) = add("relative/path", &meshed_conf(&[]));
     assert!(!ok);
 }
 
@@ -160,11 +122,11 @@ fn kernel_refusing_the_batch_halfway_leaves_no_partial_table() {
 #[test]
 fn concurrent_adds_on_one_netns_end_with_one_whole_table() {
     require_root();
-    let a = add_conf(&[(
+    let a = meshed_conf(&[(
         "traffic.sidecar.istio.io/excludeOutboundIPRanges",
         "10.0.0.0/8",
     )]);
-    let b = add_conf(&[("traffic.sidecar.istio.io/includeInboundPorts", "80,443")]);
+    let b = meshed_conf(&[("traffic.sidecar.istio.io/includeInboundPorts", "80,443")]);
     for _ in 0..25 {
         let ns = Netns::new("mrt-race-");
         let path = ns.path();
@@ -194,7 +156,7 @@ fn concurrent_adds_on_one_netns_end_with_one_whole_table() {
 #[test]
 fn two_hundred_concurrent_adds_on_distinct_netns_all_land() {
     require_root();
-    let conf = add_conf(&[(
+    let conf = meshed_conf(&[(
         "traffic.sidecar.istio.io/excludeOutboundIPRanges",
         "169.254.169.254",
     )]);
@@ -253,7 +215,7 @@ fn stdin_closed_early_or_huge_is_a_clear_decode_error() {
 fn cni_path_and_ifname_oddities() {
     require_root();
     let ns = Netns::new("mrt-env-");
-    let conf = add_conf(&[]).to_string();
+    let conf = meshed_conf(&[]).to_string();
     // CNI_PATH is required but never used to run anything: odd values are fine.
     for path in ["/nonexistent", "/a:/b::/c", " "] {
         assert!(

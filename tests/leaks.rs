@@ -8,42 +8,15 @@ use common::*;
 use mesh_redirect::kernel::Kernel;
 use mesh_redirect::netns::Netns as PodNetns;
 use mesh_redirect::ruleset::Ruleset;
-use serde_json::{Value, json};
-use std::io::Write;
+use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
-
-fn add_conf(extra: &[(&str, &str)]) -> Value {
-    let mut ann = json!({STATUS: "{}"});
-    for (k, v) in extra {
-        ann[*k] = json!(v);
-    }
-    json!({"cniVersion": "1.0.0", "name": "k8s", "type": "mesh-redirect",
-        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": ann},
-        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}})
-}
 
 fn plugin(cmd: &str, netns: &str, conf: &Value) -> bool {
-    let mut child = Command::new(PLUGIN)
-        .env("CNI_COMMAND", cmd)
-        .env("CNI_CONTAINERID", "leak-test")
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    let _ = pipe.write_all(conf.to_string().as_bytes());
-    drop(pipe);
-    child.wait().unwrap().success()
+    invoke(cmd, netns, conf.to_string().as_bytes(), &[]).0
 }
 
 fn add(netns: &str, conf: &Value) -> (bool, Value) {
-    (plugin("ADD", netns, conf), Value::Null)
+    invoke("ADD", netns, conf.to_string().as_bytes(), &[])
 }
 
 fn fd_count() -> usize {
@@ -71,7 +44,7 @@ fn add_del_loop_1000_times_leaks_nothing() {
         .map(|i| format!("10.{}.{}.0/24", i / 128, (i % 128) * 2))
         .collect();
     let big = {
-        let conf = add_conf(&[(
+        let conf = meshed_conf(&[(
             "traffic.sidecar.istio.io/excludeOutboundIPRanges",
             &many.join(","),
         )]);
@@ -121,7 +94,7 @@ fn add_del_loop_1000_times_leaks_nothing() {
     // And nothing is left in the kernel.
     assert_eq!(ns.exec(&["nft", "list", "ruleset"]).trim(), "");
     // The binary, the way the runtime runs it, 200 more times (each a fresh process).
-    let conf = add_conf(&[]);
+    let conf = meshed_conf(&[]);
     for _ in 0..100 {
         assert!(add(&ns.path(), &conf).0);
         assert!(plugin("DEL", &ns.path(), &conf));

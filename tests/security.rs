@@ -6,42 +6,20 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn conf(ann: Value, extra: Value) -> Value {
-    let mut c = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "mesh-redirect",
-        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": ann},
-        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}});
-    if let (Some(c), Value::Object(e)) = (c.as_object_mut(), extra) {
-        c.extend(e);
-    }
-    c
+    plugin_conf(ann, extra)
 }
 
 /// Runs the plugin under `strace -f` and returns (success, strace output).
 fn traced(cmd: &str, netns: &str, conf: &Value, trace: &str) -> (bool, String) {
     let tmp = TempDir::new();
     let out_file = tmp.path().join("trace");
-    let mut child = Command::new("strace")
-        .args(["-f", "-qq", "-e", &format!("trace={trace}"), "-o"])
-        .arg(&out_file)
-        .arg(PLUGIN)
-        .env("CNI_COMMAND", cmd)
-        .env("CNI_CONTAINERID", "sec")
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("strace (scripts/deps.sh installs it)");
-    let mut pipe = child.stdin.take().unwrap();
-    pipe.write_all(conf.to_string().as_bytes()).unwrap();
-    drop(pipe);
-    let ok = child.wait().unwrap().success();
+    let filter = format!("trace={trace}");
+    let out = out_file.to_string_lossy();
+    let wrapper = ["strace", "-f", "-qq", "-e", &filter, "-o", &out];
+    let (ok, _) = invoke_wrapped(&wrapper, cmd, netns, conf.to_string().as_bytes(), &[]);
     (ok, std::fs::read_to_string(&out_file).unwrap_or_default())
 }
 

@@ -4,8 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const TPROXY: (&str, &str) = ("sidecar.istio.io/interceptionMode", "TPROXY");
 
@@ -145,24 +144,7 @@ fn tproxy_refused_table_rolls_the_routing_back() {
     // Someone else owns a table of our name, so the nftables half is refused; the routing half
     // must not stay behind.
     let pod = Pod::with(Some(json!({"app": "x"})), json!({})).unwrap();
-    let mut holder = Command::new("ip")
-        .args(["netns", "exec", &pod.pod.name, "nft", "-i"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = holder.stdin.take().unwrap();
-    writeln!(stdin, "add table inet mesh_redirect {{ flags owner; }}").unwrap();
-    stdin.flush().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !pod.pod.has_table() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "owned table not created"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let _held = OwnedTable::hold(&pod.pod);
     let before = routing(&pod);
     let mut conf = pod.mesh_conf();
     conf["runtimeConfig"]["io.kubernetes.cri.pod-annotations"] =
@@ -174,9 +156,6 @@ fn tproxy_refused_table_rolls_the_routing_back() {
         before,
         "routing left behind after a refused ADD"
     );
-    drop(stdin);
-    let _ = holder.kill();
-    let _ = holder.wait();
 }
 
 const DNS: (&str, &str) = ("traffic.mesh-redirect.io/captureDNS", "true");

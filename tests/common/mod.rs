@@ -480,3 +480,109 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     f.write_all(text.as_bytes()).expect("write file");
     p
 }
+
+/// The config a runtime gives mesh-redirect for a pod with `annotations`: a fixed
+/// prevResult, plus `extra` top-level keys.
+pub fn plugin_conf(annotations: Value, extra: Value) -> Value {
+    let mut c = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "mesh-redirect",
+        "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations},
+        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}});
+    if let (Some(c), Value::Object(e)) = (c.as_object_mut(), extra) {
+        c.extend(e);
+    }
+    c
+}
+
+/// `plugin_conf` for a pod with a sidecar and `extra` annotations.
+pub fn meshed_conf(extra: &[(&str, &str)]) -> Value {
+    let mut ann = json!({STATUS: "{}"});
+    for (k, v) in extra {
+        ann[*k] = json!(v);
+    }
+    plugin_conf(ann, json!({}))
+}
+
+/// Runs the plugin binary as a runtime does for pod default/web-0 (`env` overrides the
+/// `CNI_*` variables; `wrapper` runs it under another program, e.g. strace). Returns
+/// (exit success, stdout as JSON or Null).
+pub fn invoke_wrapped(
+    wrapper: &[&str],
+    cmd: &str,
+    netns: &str,
+    stdin: &[u8],
+    env: &[(&str, &str)],
+) -> (bool, Value) {
+    let mut c = match wrapper.split_first() {
+        Some((prog, args)) => {
+            let mut c = Command::new(prog);
+            c.args(args).arg(PLUGIN);
+            c
+        }
+        None => Command::new(PLUGIN),
+    };
+    c.env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", "test-ctr")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run the plugin");
+    if let Some(mut pipe) = child.stdin.take() {
+        // The plugin may stop reading early (bounded read): a broken pipe is fine.
+        let _ = pipe.write_all(stdin);
+    }
+    let out = child.wait_with_output().expect("wait for the plugin");
+    (
+        out.status.success(),
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+    )
+}
+
+pub fn invoke(cmd: &str, netns: &str, stdin: &[u8], env: &[(&str, &str)]) -> (bool, Value) {
+    invoke_wrapped(&[], cmd, netns, stdin, env)
+}
+
+/// Someone else's `table inet mesh_redirect`, owned (NFT_TABLE_F_OWNER) by an `nft -i`
+/// session in `ns`: the kernel refuses to let mesh-redirect delete it. Released on drop.
+pub struct OwnedTable(Child);
+
+impl OwnedTable {
+    pub fn hold(ns: &Netns) -> OwnedTable {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nft", "-i"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nft -i");
+        let stdin = child.stdin.as_mut().expect("nft stdin");
+        writeln!(stdin, "add table inet mesh_redirect {{ flags owner; }}").expect("write to nft");
+        writeln!(stdin, "add chain inet mesh_redirect someone_elses").expect("write to nft");
+        stdin.flush().expect("flush nft");
+        let held = OwnedTable(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !ns.ruleset().contains("someone_elses") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nft -i did not create the owned table"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        held
+    }
+}
+
+impl Drop for OwnedTable {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
