@@ -453,37 +453,63 @@ fn delete_batch() -> Built {
     }
 }
 
-/// The netfilter socket of one network namespace.
+/// The netfilter socket of one network namespace, and its rtnetlink socket when the policy
+/// routing of TPROXY is involved.
 pub struct Kernel {
     sock: nftnl_ext::Socket,
+    routing: Option<RoutingSocket>,
+}
+
+struct RoutingSocket {
     rtnl: Rtnl,
     ipv6: bool,
 }
 
 impl Kernel {
-    /// Opens the sockets in the calling thread's current network namespace.
+    /// Opens the netfilter socket in the calling thread's current network namespace.
     pub fn open() -> Result<Kernel, KernelError> {
         Ok(Kernel {
             sock: nftnl_ext::Socket::open().map_err(KernelError::Socket)?,
+            routing: None,
+        })
+    }
+
+    /// Also opens the rtnetlink socket (and reads whether IPv6 is on), in the same namespace.
+    pub fn open_with_routing() -> Result<Kernel, KernelError> {
+        let mut k = Kernel::open()?;
+        k.routing = Some(RoutingSocket {
             rtnl: Rtnl::open().map_err(KernelError::Socket)?,
             ipv6: route::ipv6_enabled(),
+        });
+        Ok(k)
+    }
+
+    fn routing_socket(&mut self) -> Result<&mut RoutingSocket, KernelError> {
+        self.routing.as_mut().ok_or_else(|| {
+            KernelError::Socket(io::Error::other(
+                "no rtnetlink socket: open the kernel with routing",
+            ))
         })
     }
 
     /// Adds the routing objects; on failure removes the ones this call added.
     /// Returns the ones it added (for rolling back if what follows fails).
     fn add_routing(&mut self, r: &Routing) -> Result<Vec<Obj>, KernelError> {
+        let rs = self.routing_socket()?;
         let mut added = Vec::new();
-        for o in r.objects(self.ipv6) {
-            match self.rtnl.add(r, o) {
+        for o in r.objects(rs.ipv6) {
+            match rs.rtnl.add(r, o) {
                 Ok(true) => added.push(o),
                 Ok(false) => {}
                 Err(err) => {
-                    self.remove_routing(r, &added);
-                    return Err(KernelError::Refused {
-                        what: r.describe(o),
-                        err,
-                    });
+                    for a in added.iter().rev() {
+                        let _ = rs.rtnl.del(r, *a);
+                    }
+                    let mut what = r.describe(o);
+                    if err.raw_os_error() == Some(libc::ENETDOWN) {
+                        what.push_str(" (lo is down in the pod's namespace: the runtime's loopback plugin must run first)");
+                    }
+                    return Err(KernelError::Refused { what, err });
                 }
             }
         }
@@ -492,8 +518,10 @@ impl Kernel {
 
     /// Best effort, newest first: used to undo, where the first error is already reported.
     fn remove_routing(&mut self, r: &Routing, objs: &[Obj]) {
-        for o in objs.iter().rev() {
-            let _ = self.rtnl.del(r, *o);
+        if let Some(rs) = self.routing.as_mut() {
+            for o in objs.iter().rev() {
+                let _ = rs.rtnl.del(r, *o);
+            }
         }
     }
 
@@ -542,11 +570,12 @@ impl Kernel {
             self.send(&delete_batch())?;
         }
         if let Some(r) = routing {
-            for o in r.objects(self.ipv6).into_iter().rev() {
+            let rs = self.routing_socket()?;
+            for o in r.objects(rs.ipv6).into_iter().rev() {
                 if o == Obj::Passthrough6 && !with_address {
                     continue;
                 }
-                self.rtnl.del(r, o).map_err(|err| KernelError::Refused {
+                rs.rtnl.del(r, o).map_err(|err| KernelError::Refused {
                     what: format!("removing {}", r.describe(o)),
                     err,
                 })?;
@@ -610,8 +639,9 @@ impl Kernel {
         }
         self.diff_rules(rs, &mut diffs)?;
         if let Some(r) = &rs.routing {
-            for o in r.objects(self.ipv6) {
-                if !self.rtnl.exists(r, o)? {
+            let rs = self.routing_socket()?;
+            for o in r.objects(rs.ipv6) {
+                if !rs.rtnl.exists(r, o)? {
                     diffs.push(format!("{} is missing", r.describe(o)));
                 }
             }

@@ -143,25 +143,29 @@ fn kernel_error(e: KernelError) -> CniError {
     CniError::new(c, e.to_string())
 }
 
-/// Opens the pod's netns and runs `f` with a netfilter socket inside it.
+/// Opens the pod's netns and runs `f` with its sockets (rtnetlink too with `routing`).
 fn in_pod<T>(
     path: &str,
+    routing: bool,
     f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
 ) -> Result<T, CniError> {
     let ns = Netns::open(Path::new(path)).map_err(netns_error)?;
-    in_netns(&ns, f)
+    in_netns(&ns, routing, f)
 }
 
 fn in_netns<T>(
     ns: &Netns,
+    routing: bool,
     f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
 ) -> Result<T, CniError> {
-    // Only the socket is created inside: netlink sockets stay bound to the namespace they
+    // Only the sockets are created inside: netlink sockets stay bound to the namespace they
     // were created in, so the rest runs back in ours.
-    let mut kernel = ns
-        .run(Kernel::open)
-        .map_err(netns_error)?
-        .map_err(kernel_error)?;
+    let open = if routing {
+        Kernel::open_with_routing
+    } else {
+        Kernel::open
+    };
+    let mut kernel = ns.run(open).map_err(netns_error)?.map_err(kernel_error)?;
     f(&mut kernel).map_err(kernel_error)
 }
 
@@ -177,7 +181,7 @@ fn add(
         Ok(rs) => {
             rec.rules = Some(rs.rule_count());
             rec.set_elements = Some(rs.sets.iter().map(|s| s.elems.len()).sum());
-            in_pod(&env.netns, |k| k.replace(&rs))?;
+            in_pod(&env.netns, rs.routing.is_some(), |k| k.replace(&rs))?;
             rec.decision = "captured".into();
         }
         Err(why) => rec.decision = format!("skipped: {why}"),
@@ -195,8 +199,8 @@ fn check(
     let out = result(conf, version, Command::Check)?;
     let planned = plan(env, conf, &cfg)?;
     let diffs = match &planned {
-        Ok(rs) => in_pod(&env.netns, |k| k.diff(rs))?,
-        Err(why) if in_pod(&env.netns, |k| k.table_exists())? => vec![format!(
+        Ok(rs) => in_pod(&env.netns, rs.routing.is_some(), |k| k.diff(rs))?,
+        Err(why) if in_pod(&env.netns, false, |k| k.table_exists())? => vec![format!(
             "table inet {} exists but the pod is not captured ({why})",
             ruleset::TABLE
         )],
@@ -247,7 +251,7 @@ fn del(
             false,
         )),
     };
-    rec.decision = if in_netns(&ns, |k| {
+    rec.decision = if in_netns(&ns, routing.is_some(), |k| {
         k.delete(
             routing.as_ref().map(|(r, _)| r),
             routing.is_some_and(|(_, a)| a),

@@ -277,3 +277,23 @@ fn dns_with_tproxy_and_plugin_config_switch() {
     assert!(line.starts_with("dnsproxy"), "{line}");
     pod.check().expect("CHECK with TPROXY and DNS");
 }
+
+#[test]
+fn tproxy_with_lo_down_says_why_and_leaves_nothing() {
+    // Runtimes bring lo up (the loopback plugin) before the pod's network; if not, the IPv6
+    // local route cannot be added, and the message says what is wrong.
+    require_root();
+    let ns = Netns::new("mrt-lodown-");
+    let conf = meshed_conf(&[TPROXY]);
+    let (ok, out) = invoke("ADD", &ns.path(), conf.to_string().as_bytes(), &[]);
+    assert!(!ok);
+    assert_eq!(out["code"], 102, "{out}");
+    assert!(out["msg"].as_str().unwrap().contains("lo is down"), "{out}");
+    assert!(!ns.has_table());
+    let rules =
+        ns.exec(&["ip", "-4", "rule"]) + &ns.exec(&["ip", "-4", "route", "show", "table", "133"]);
+    assert!(
+        !rules.contains("0x539") && !rules.contains("local"),
+        "{rules}"
+    );
+}
