@@ -10,6 +10,7 @@ pkgs=(
   nftables                                 # inspect rulesets (never used to apply them)
   shellcheck                               # lint scripts
   strace                                   # tests: prove the plugin execs nothing, opens only its netns
+  containerd runc gcc libc6-dev            # tests: node e2e (a real CRI runtime; a static pause binary)
 )
 if [ "${MESH_REDIRECT_DEPS_EXTRA:-}" != "" ]; then
   # shellcheck disable=SC2206

@@ -200,7 +200,10 @@ pub fn pod_annotations(conf: &Map<String, Value>) -> Result<Option<Annotations>,
         }
     };
     let raw = match runtime.get(ANNOTATIONS_CAPABILITY) {
-        None | Some(Value::Null) => return Ok(None),
+        None => return Ok(None),
+        // containerd sends the capability with `null` for a pod without annotations (a nil Go
+        // map): the runtime supports it, and the pod has none.
+        Some(Value::Null) => return Ok(Some(Annotations::new())),
         Some(Value::Object(m)) => m,
         Some(v) => {
             return Err(CniError::new(
@@ -303,6 +306,11 @@ mod tests {
             "io.kubernetes.cri.pod-annotations": {}}})))
         .unwrap();
         assert_eq!(empty, Some(Annotations::new()));
+        // containerd 1.6 sends null for a pod without annotations: present, and empty.
+        let null = pod_annotations(&obj(json!({"runtimeConfig": {
+            "io.kubernetes.cri.pod-annotations": null}})))
+        .unwrap();
+        assert_eq!(null, Some(Annotations::new()));
         for bad in [
             json!({"runtimeConfig": []}),
             json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": "x"}}),

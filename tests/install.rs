@@ -270,6 +270,28 @@ fn conflist_primary_is_chained_and_given_back_byte_for_byte() {
 }
 
 #[test]
+fn keep_on_exit_leaves_everything_in_place_for_the_next_installer() {
+    let node = Node::new();
+    let original = node.write("10-bridge.conflist", BRIDGE_LIST, 0o644);
+    let inst = node.start(&["--keep-on-exit"]);
+    inst.wait_ready();
+    let chained = node.read("10-bridge.conflist").unwrap();
+    assert!(inst.stop().success());
+    assert_eq!(
+        node.read("10-bridge.conflist").unwrap(),
+        chained,
+        "entry kept"
+    );
+    assert!(node.bin().join("mesh-redirect").exists(), "binary kept");
+    // The next installer takes over without a write; uninstall still gives the original back.
+    let inst = node.start(&[]);
+    inst.wait_ready();
+    assert_eq!(node.read("10-bridge.conflist").unwrap(), chained);
+    assert!(inst.stop().success());
+    assert_eq!(node.read("10-bridge.conflist").unwrap(), original);
+}
+
+#[test]
 fn conf_primary_becomes_a_conflist_and_comes_back() {
     let node = Node::new();
     let conf = r#"{"cniVersion": "0.4.0", "name": "k8s", "type": "bridge", "bridge": "cni0"}"#;

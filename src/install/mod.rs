@@ -42,26 +42,35 @@ pub struct Options {
     pub plugin_config: Option<PathBuf>,
     pub readiness_addr: Option<SocketAddr>,
     pub keep_binary: bool,
+    /// On SIGTERM/SIGINT leave the entry and the binary in place (for rollouts; see README).
+    pub keep_on_exit: bool,
 }
 
 pub const USAGE: &str =
     "  mesh-redirect install --cni-bin-dir DIR --cni-conf-dir DIR [--conf-name FILE]
                         [--plugin-config FILE] [--readiness-addr HOST:PORT] [--keep-binary]
+                        [--keep-on-exit]
       Copy the plugin into DIR, chain it last into the primary network config, keep it there,
-      serve /readyz, and undo all of it on SIGTERM/SIGINT. Flags also come from the env:
-      MESH_REDIRECT_CNI_BIN_DIR, MESH_REDIRECT_CNI_CONF_DIR, MESH_REDIRECT_CONF_NAME,
-      MESH_REDIRECT_PLUGIN_CONFIG, MESH_REDIRECT_READINESS_ADDR, MESH_REDIRECT_KEEP_BINARY=true.
+      serve /readyz, and undo all of it on SIGTERM/SIGINT (unless --keep-on-exit: then leave
+      it all in place, so a rollout has no window in which new pods go uncaptured). Flags also
+      come from the env: MESH_REDIRECT_CNI_BIN_DIR, MESH_REDIRECT_CNI_CONF_DIR,
+      MESH_REDIRECT_CONF_NAME, MESH_REDIRECT_PLUGIN_CONFIG, MESH_REDIRECT_READINESS_ADDR,
+      MESH_REDIRECT_KEEP_BINARY=true, MESH_REDIRECT_KEEP_ON_EXIT=true.
   mesh-redirect uninstall --cni-bin-dir DIR --cni-conf-dir DIR [--keep-binary]
       Remove the chain entry (restoring the original files) and the binary, once.";
 
-const FLAGS: [(&str, &str); 6] = [
+const FLAGS: [(&str, &str); 7] = [
     ("--cni-bin-dir", "MESH_REDIRECT_CNI_BIN_DIR"),
     ("--cni-conf-dir", "MESH_REDIRECT_CNI_CONF_DIR"),
     ("--conf-name", "MESH_REDIRECT_CONF_NAME"),
     ("--plugin-config", "MESH_REDIRECT_PLUGIN_CONFIG"),
     ("--readiness-addr", "MESH_REDIRECT_READINESS_ADDR"),
     ("--keep-binary", "MESH_REDIRECT_KEEP_BINARY"),
+    ("--keep-on-exit", "MESH_REDIRECT_KEEP_ON_EXIT"),
 ];
+
+/// Flags that take no value on the command line.
+const SWITCHES: [&str; 2] = ["--keep-binary", "--keep-on-exit"];
 
 impl Options {
     /// Flags win over the environment (`env` is normally `std::env::var`).
@@ -69,11 +78,10 @@ impl Options {
         args: &[String],
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Options, CliError> {
-        // --keep-binary takes no value on the command line.
-        let keep_flag = args.iter().any(|a| a == "--keep-binary");
+        let switched = |flag: &str| args.iter().any(|a| a == flag);
         let rest: Vec<String> = args
             .iter()
-            .filter(|a| *a != "--keep-binary")
+            .filter(|a| !SWITCHES.contains(&a.as_str()))
             .cloned()
             .collect();
         let names: Vec<&str> = FLAGS.iter().map(|(f, _)| *f).collect();
@@ -120,7 +128,10 @@ impl Options {
             conf_name,
             plugin_config: get("--plugin-config").map(PathBuf::from),
             readiness_addr,
-            keep_binary: keep_flag || get("--keep-binary").is_some_and(|v| v == "true" || v == "1"),
+            keep_binary: switched("--keep-binary")
+                || get("--keep-binary").is_some_and(|v| v == "true" || v == "1"),
+            keep_on_exit: switched("--keep-on-exit")
+                || get("--keep-on-exit").is_some_and(|v| v == "true" || v == "1"),
         })
     }
 }
@@ -615,6 +626,14 @@ fn install_loop(opts: Options) -> Result<(), String> {
         let (sig, changed, probe) = (ready(0), ready(1), ready(2));
         if sig {
             let _ = sigfd.read_signal();
+            if inst.opts.keep_on_exit {
+                log(
+                    "info",
+                    "signalled: leaving mesh-redirect installed (keep-on-exit)",
+                    json!({}),
+                );
+                return Ok(());
+            }
             log(
                 "info",
                 "signalled: removing mesh-redirect from the node",
@@ -676,12 +695,14 @@ mod tests {
         assert_eq!(o.bin_dir, PathBuf::from("/b"));
         assert_eq!(o.conf_dir, PathBuf::from("/c"));
         assert!(o.keep_binary);
+        assert!(!o.keep_on_exit);
         assert_eq!(o.readiness_addr, None);
         let env = |k: &str| match k {
             "MESH_REDIRECT_CNI_BIN_DIR" => Some("/eb".to_string()),
             "MESH_REDIRECT_CNI_CONF_DIR" => Some("/ec".to_string()),
             "MESH_REDIRECT_READINESS_ADDR" => Some("0.0.0.0:8000".to_string()),
             "MESH_REDIRECT_KEEP_BINARY" => Some("true".to_string()),
+            "MESH_REDIRECT_KEEP_ON_EXIT" => Some("true".to_string()),
             "MESH_REDIRECT_CONF_NAME" => Some("10-calico.conflist".to_string()),
             _ => None,
         };
@@ -690,6 +711,7 @@ mod tests {
         assert_eq!(o.conf_dir, PathBuf::from("/ec"));
         assert_eq!(o.readiness_addr, Some("0.0.0.0:8000".parse().unwrap()));
         assert!(o.keep_binary);
+        assert!(o.keep_on_exit);
         assert_eq!(o.conf_name.as_deref(), Some("10-calico.conflist"));
     }
 

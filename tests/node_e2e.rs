@@ -1,0 +1,509 @@
+//! Node end-to-end: a real containerd (its CRI plugin and the runc shim) starts pod sandboxes
+//! the way the kubelet asks it to, runs the CNI chain from its conf dir — the primary network
+//! (bridge + host-local + portmap) with mesh-redirect chained by `mesh-redirect install`, as
+//! the DaemonSet does — and passes the pods' annotations; the capture is then proven with
+//! traffic inside the sandboxes' own network namespaces.
+//!
+//! This is the kubelet path that matters to mesh-redirect, without a cluster: kind needs
+//! Docker, which CI lacks. The node is a network namespace with no uplink; containerd's root,
+//! state, socket, CNI dirs and the pods' netns mounts all live in a temp dir; the sandbox image
+//! is built here (a static pause binary) since no registry is reachable. Everything is removed
+//! on drop, also on failure. `scripts/node-e2e.sh` runs it alone with the report visible.
+
+mod common;
+#[path = "node_e2e/cri.rs"]
+mod cri;
+#[path = "node_e2e/node.rs"]
+mod node;
+
+use common::{APP, PROXY, ROOT, STATUS, assert_answer, connect, hp, serve};
+use node::{GATEWAY, IMAGE, NETWORK, Node, OTHER, Sandbox, list_dir, say, tables};
+use serde_json::Value;
+use std::path::Path;
+use std::time::Instant;
+
+const EXCLUDE_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+const EXCLUDE_OUT_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+const EXCLUDE_IN_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+
+/// Istio's sidecar annotations for the meshed pods: capture everything except 10.99.0.0/24,
+/// outbound port 9090 and inbound port 9443.
+const MESHED: &[(&str, &str)] = &[
+    (
+        STATUS,
+        r#"{"initContainers":null,"containers":["istio-proxy"],"volumes":["istio-envoy"]}"#,
+    ),
+    ("sidecar.istio.io/interceptionMode", "REDIRECT"),
+    (EXCLUDE_RANGES, "10.99.0.0/24"),
+    (EXCLUDE_OUT_PORTS, "9090"),
+    (EXCLUDE_IN_PORTS, "9443"),
+];
+
+struct Report {
+    start: Instant,
+    step: usize,
+}
+
+impl Report {
+    fn step(&mut self, what: &str) {
+        self.step += 1;
+        say(&format!(
+            "== {}. {what}   [{:.1}s]",
+            self.step,
+            self.start.elapsed().as_secs_f64()
+        ));
+    }
+    fn ok(&self, what: &str) {
+        say(&format!("   ok  {what}"));
+    }
+}
+
+/// mesh-redirect's log lines for one sandbox and verb.
+fn plugin_lines(node: &Node, id: &str, command: &str) -> Vec<Value> {
+    node.plugin_log()
+        .into_iter()
+        .filter(|l| l["containerID"] == id && l["command"] == command)
+        .collect()
+}
+
+/// The one ADD line for a sandbox: run by the runtime with the pod's identity and netns.
+#[track_caller]
+fn add_line(node: &Node, sb: &Sandbox, namespace: &str) -> Value {
+    let lines = plugin_lines(node, &sb.id, "ADD");
+    assert_eq!(lines.len(), 1, "one ADD for {}: {lines:?}", sb.name);
+    let l = lines.into_iter().next().unwrap();
+    assert_eq!(l["podName"], sb.name.as_str(), "{l}");
+    assert_eq!(l["podNamespace"], namespace, "{l}");
+    assert_eq!(l["netns"], sb.netns.as_str(), "{l}");
+    l
+}
+
+/// A log line's gist for the report.
+fn brief(l: &Value) -> String {
+    let mut s = format!("{} {}: {}", l["command"], l["podName"], l["decision"]);
+    for k in ["rules", "setElements", "durationUs", "code"] {
+        if let Some(v) = l.get(k) {
+            s.push_str(&format!(" {k}={v}"));
+        }
+    }
+    s.replace('"', "")
+}
+
+fn has_table(netns: &str) -> bool {
+    tables(netns).contains("inet mesh_redirect")
+}
+
+/// Proves a meshed pod's capture with traffic: the stand-in proxy (uid 1337) and app (uid
+/// 1000) inside the sandbox's netns, servers in the node namespace.
+fn prove_capture(r: &Report, node: &Node, pod: &Sandbox) {
+    let _proxy = serve(&pod.netns, PROXY, "proxy", &[15001, 15006], &[]);
+    let _app = serve(&pod.netns, APP, "app", &[8080, 9443], &[]);
+    let node_ns = node.ns.path();
+    let gw = hp(GATEWAY, 8080);
+    assert_answer(connect(&pod.netns, APP, &gw), "proxy", Some(&gw));
+    r.ok(&format!(
+        "outbound: app (uid 1000) -> {gw} answered by the proxy on 15001, SO_ORIGINAL_DST {gw}"
+    ));
+    assert_answer(connect(&pod.netns, PROXY, &gw), "node", None);
+    r.ok(&format!(
+        "outbound: the proxy's own connection (uid 1337) -> {gw} goes out as is"
+    ));
+    assert_answer(connect(&pod.netns, APP, &hp(OTHER, 8080)), "node", None);
+    r.ok(&format!(
+        "exclusion: app -> {OTHER}:8080 not captured ({EXCLUDE_RANGES}=10.99.0.0/24)"
+    ));
+    assert_answer(connect(&pod.netns, APP, &hp(GATEWAY, 9090)), "node", None);
+    r.ok(&format!(
+        "exclusion: app -> {GATEWAY}:9090 not captured ({EXCLUDE_OUT_PORTS}=9090)"
+    ));
+    let inbound = hp(&pod.ip, 8080);
+    assert_answer(connect(&node_ns, ROOT, &inbound), "proxy", Some(&inbound));
+    r.ok(&format!(
+        "inbound: node -> {inbound} answered by the proxy on 15006, SO_ORIGINAL_DST {inbound}"
+    ));
+    assert_answer(connect(&node_ns, ROOT, &hp(&pod.ip, 9443)), "app", None);
+    r.ok(&format!(
+        "exclusion: node -> {}:9443 reaches the app ({EXCLUDE_IN_PORTS}=9443)",
+        pod.ip
+    ));
+}
+
+/// A pod without capture: no table, and the app's traffic goes where it was sent.
+fn prove_uncaptured(r: &Report, pod: &Sandbox) {
+    assert!(
+        !has_table(&pod.netns),
+        "{} has a mesh_redirect table",
+        pod.name
+    );
+    r.ok("no mesh_redirect table in its netns");
+    let _proxy = serve(&pod.netns, PROXY, "proxy", &[15001, 15006], &[]);
+    assert_answer(connect(&pod.netns, APP, &hp(GATEWAY, 8080)), "node", None);
+    r.ok(&format!(
+        "app -> {GATEWAY}:8080 answered by the node itself"
+    ));
+}
+
+/// The plugin types of a loaded / written conflist.
+fn types(list: &Value) -> Vec<String> {
+    list["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p["type"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn containerd_runs_kubelet_pods_through_the_installed_chain_and_they_are_captured() {
+    let mut r = Report {
+        start: Instant::now(),
+        step: 0,
+    };
+
+    r.step("node: a network namespace with no uplink, containerd started inside it");
+    let mut node = Node::start();
+    let v = node.cri.version().expect("Version");
+    r.ok(&format!(
+        "containerd {} answers CRI {} on {} (snapshotter {})",
+        v.runtime_version,
+        v.runtime_api_version,
+        node.socket().display(),
+        node.snapshotter
+    ));
+    assert!(
+        node.loaded_network().is_none(),
+        "NetworkReady before any CNI config"
+    );
+    r.ok("NetworkReady=false: no CNI config yet, as on a fresh node");
+
+    r.step("sandbox image: static pause binary in a one-layer OCI image, `ctr images import`");
+    let image_id = node.import_pause_image();
+    r.ok(&format!("CRI ImageStatus({IMAGE}) = {image_id}"));
+
+    r.step("primary CNI config (bridge + host-local + portmap), then `mesh-redirect install`");
+    let conflist = node.write_primary_conflist();
+    let primary = std::fs::read(&conflist).unwrap();
+    let loaded = node.wait_runtime_loaded(&conflist);
+    assert_eq!(types(&loaded), ["bridge", "portmap"]);
+    r.ok("NetworkReady=true: containerd loaded the primary chain (bridge, portmap)");
+    // From here on the node has a network: containerd must log no CNI error but bad-0's.
+    let log_from = node.containerd_log().len();
+    node.start_installer();
+    node.installer().wait_ready();
+    r.ok("installer /readyz = 200 (in the node namespace, hostNetwork-style)");
+    let loaded = node.wait_runtime_loaded(&conflist);
+    assert_eq!(types(&loaded), ["bridge", "portmap", "mesh-redirect"]);
+    assert_eq!(
+        loaded["plugins"][2]["capabilities"]["io.kubernetes.cri.pod-annotations"],
+        true
+    );
+    assert!(node.bin_dir().join("mesh-redirect").is_file());
+    r.ok("containerd loaded the chain: bridge, portmap, mesh-redirect (annotations capability)");
+
+    // "The rest of the cluster": servers in the node namespace, on the bridge's gateway
+    // address and on a second address (for the excluded range).
+    let cluster = serve(&node.ns.path(), ROOT, "node", &[8080, 9090], &[]);
+
+    r.step("meshed pod: RunPodSandbox with Istio's annotations, as the kubelet sends it");
+    let web = node
+        .run_pod(node.pod_config("web-0", "default", MESHED, true))
+        .unwrap_or_else(|e| panic!("RunPodSandbox web-0: {e}"));
+    r.ok(&format!(
+        "sandbox {} ip {} netns {} (from PodSandboxStatus verbose info)",
+        &web.id[..12],
+        web.ip,
+        web.netns
+    ));
+    let l = add_line(&node, &web, "default");
+    assert_eq!(l["decision"], "captured", "{l}");
+    r.ok(&format!("mesh-redirect logged {}", brief(&l)));
+    assert!(has_table(&web.netns), "no mesh_redirect table in web-0");
+    r.ok("table inet mesh_redirect in the sandbox's netns");
+    prove_capture(&r, &node, &web);
+
+    r.step("pod without a sidecar (kubelet annotations only): no table");
+    let plain = node
+        .run_pod(node.pod_config(
+            "plain-0",
+            "default",
+            &[("prometheus.io/scrape", "true")],
+            true,
+        ))
+        .unwrap_or_else(|e| panic!("RunPodSandbox plain-0: {e}"));
+    let l = add_line(&node, &plain, "default");
+    assert!(
+        l["decision"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("skipped"),
+        "{l}"
+    );
+    r.ok(&format!("mesh-redirect logged {}", brief(&l)));
+    prove_uncaptured(&r, &plain);
+
+    r.step("pod with no annotations at all (a bare CRI client, e.g. `crictl runp`)");
+    // containerd 1.6 passes the capability with a JSON null for a pod without annotations
+    // (a nil Go map): the runtime honours the capability, the pod has no sidecar.
+    let bare = node
+        .run_pod(node.pod_config("bare-0", "default", &[], false))
+        .unwrap_or_else(|e| panic!("RunPodSandbox bare-0 (no annotations): {e}"));
+    let l = add_line(&node, &bare, "default");
+    assert!(
+        l["decision"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("skipped"),
+        "{l}"
+    );
+    r.ok(&format!("mesh-redirect logged {}", brief(&l)));
+    prove_uncaptured(&r, &bare);
+
+    r.step("malformed annotation: RunPodSandbox fails with our message, nothing left behind");
+    let veths = node.veths();
+    let ips = node.leased_ips();
+    let netns = list_dir(&node.netns_dir());
+    let shims = node.shims().len();
+    let err = node
+        .run_pod(node.pod_config(
+            "bad-0",
+            "default",
+            &[(STATUS, "{}"), (EXCLUDE_RANGES, "10.1.0.0/16,10.0.0.0/33")],
+            true,
+        ))
+        .map(|sb| sb.id)
+        .expect_err("RunPodSandbox must fail for a malformed annotation");
+    let msg = err.to_string();
+    for want in [
+        "failed to setup network for sandbox",
+        "plugin type=\"mesh-redirect\" failed (add)",
+        "invalid pod annotation",
+        EXCLUDE_RANGES,
+        "10.0.0.0/33",
+    ] {
+        assert!(
+            msg.contains(want),
+            "{want:?} not in the error the kubelet gets: {msg}"
+        );
+    }
+    r.ok(&format!(
+        "the kubelet gets (kubectl describe pod shows): {msg}"
+    ));
+    let bad_id = msg
+        .split("sandbox \"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(bad_id.len(), 64, "sandbox id in {msg}");
+    let bad = plugin_lines(&node, &bad_id, "ADD");
+    assert!(
+        bad.len() == 1 && bad[0]["code"] == 100,
+        "mesh-redirect ADD for bad-0: {bad:?}"
+    );
+    assert!(
+        node.cri
+            .list_pod_sandbox()
+            .unwrap()
+            .iter()
+            .all(|s| s.metadata.as_ref().is_none_or(|m| m.name != "bad-0")),
+        "the failed sandbox is listed"
+    );
+    assert_eq!(node.veths(), veths, "veth left behind");
+    assert_eq!(node.leased_ips(), ips, "IP lease left behind");
+    assert_eq!(list_dir(&node.netns_dir()), netns, "netns left behind");
+    assert_eq!(node.shims().len(), shims, "shim left behind");
+    r.ok("no sandbox, veth, IP lease, netns or shim left behind (the runtime ran CNI DEL)");
+
+    r.step("DaemonSet rollout: SIGTERM the installer, start a new one");
+    let chained = std::fs::read(&conflist).unwrap();
+    let st = node.stop_installer();
+    assert!(st.success(), "installer exit status {st}");
+    assert_eq!(
+        std::fs::read(&conflist).unwrap(),
+        chained,
+        "the chain stays as it was"
+    );
+    assert!(node.bin_dir().join("mesh-redirect").exists());
+    r.ok("old installer gone (MESH_REDIRECT_KEEP_ON_EXIT, as the DaemonSet runs it): entry and binary stay");
+    let gap = node
+        .run_pod(node.pod_config("web-gap", "default", MESHED, true))
+        .unwrap_or_else(|e| panic!("RunPodSandbox web-gap: {e}"));
+    assert_eq!(add_line(&node, &gap, "default")["decision"], "captured");
+    r.ok(&format!(
+        "pod web-gap ({}) started between the two installers: captured, no gap",
+        gap.ip
+    ));
+    assert!(has_table(&web.netns), "web-0 lost its table");
+    r.ok("running pods keep their ruleset (it lives in their netns)");
+    node.start_installer();
+    node.installer().wait_ready();
+    let loaded = node.wait_runtime_loaded(&conflist);
+    assert_eq!(types(&loaded), ["bridge", "portmap", "mesh-redirect"]);
+    r.ok("new installer ready, the chain unchanged");
+    let web1 = node
+        .run_pod(node.pod_config("web-1", "default", MESHED, true))
+        .unwrap_or_else(|e| panic!("RunPodSandbox web-1: {e}"));
+    let l = add_line(&node, &web1, "default");
+    assert_eq!(l["decision"], "captured", "{l}");
+    r.ok(&format!(
+        "new pod web-1 ({}): mesh-redirect ADD captured",
+        web1.ip
+    ));
+    prove_capture(&r, &node, &web1);
+    say("   (and web-0, started before the rollout)");
+    prove_capture(&r, &node, &web);
+
+    r.step("delete the pods: StopPodSandbox + RemovePodSandbox (the runtime's CNI DEL)");
+    let pods = [&web, &plain, &bare, &web1, &gap];
+    for pod in pods {
+        node.remove_pod(pod);
+        let dels = plugin_lines(&node, &pod.id, "DEL");
+        assert!(
+            !dels.is_empty() && dels.iter().all(|l| l.get("error").is_none()),
+            "mesh-redirect DEL for {}: {dels:?}",
+            pod.name
+        );
+        if pod.name.starts_with("web") {
+            assert!(
+                dels.iter().any(|l| l["decision"] == "deleted"),
+                "{}: {dels:?}",
+                pod.name
+            );
+        }
+        assert!(
+            !Path::new(&pod.netns).exists(),
+            "{}'s netns still exists",
+            pod.name
+        );
+        r.ok(&format!(
+            "{}: DEL {}",
+            pod.name,
+            dels.iter()
+                .map(|l| l["decision"].as_str().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(", then ")
+        ));
+    }
+    assert!(node.cri.list_pod_sandbox().unwrap().is_empty());
+    assert!(node.veths().is_empty(), "veths left: {:?}", node.veths());
+    assert!(
+        node.leased_ips().is_empty(),
+        "leases left: {:?}",
+        node.leased_ips()
+    );
+    assert!(list_dir(&node.netns_dir()).is_empty(), "netns left");
+    assert!(node.shims().is_empty(), "shims left: {:?}", node.shims());
+    assert!(node.mounts().is_empty(), "mounts left: {:?}", node.mounts());
+    let new_run_netns: Vec<String> = list_dir(Path::new("/run/netns"))
+        .into_iter()
+        .filter(|n| n.starts_with("cni-") && !node.run_netns_before.contains(n))
+        .collect();
+    assert!(
+        new_run_netns.is_empty(),
+        "new in /run/netns: {new_run_netns:?}"
+    );
+    r.ok(
+        "no sandbox, veth, IP lease, netns, shim or mount left; no cni-* in the host's /run/netns",
+    );
+
+    r.step("containerd's log: CNI set up and torn down without errors");
+    let log = node.containerd_log();
+    for pod in pods {
+        let torn = format!(
+            "TearDown network for sandbox \\\"{}\\\" successfully",
+            pod.id
+        );
+        assert!(log.contains(&torn), "no {torn:?} in containerd's log");
+    }
+    let (before, after) = log.split_at(log_from);
+    let cni_trouble = |l: &&str| {
+        let lc = l.to_lowercase();
+        ["level=error", "level=warning", "level=fatal"]
+            .iter()
+            .any(|x| l.contains(x))
+            && (lc.contains("cni") || lc.contains("network"))
+    };
+    // Before the primary config: only "no network config found" (a fresh node's state).
+    let early: Vec<&str> = before
+        .lines()
+        .filter(cni_trouble)
+        .filter(|l| !l.contains("no network config found"))
+        .collect();
+    assert!(early.is_empty(), "containerd logged:\n{}", early.join("\n"));
+    let cni_errors: Vec<&str> = after
+        .lines()
+        .filter(cni_trouble)
+        // Expected: the malformed pod's failure.
+        .filter(|l| !l.contains(&bad_id) && !l.contains("Name:bad-0,"))
+        .collect();
+    assert!(
+        cni_errors.is_empty(),
+        "containerd logged CNI errors:\n{}",
+        cni_errors.join("\n")
+    );
+    r.ok(&format!(
+        "every sandbox's network torn down; no CNI error besides bad-0's ({} log lines)",
+        log.lines().count()
+    ));
+    assert_eq!(
+        node.plugin_log()
+            .iter()
+            .filter(|l| l.get("error").is_some())
+            .count(),
+        1,
+        "mesh-redirect failed only for bad-0"
+    );
+
+    r.step("removing mesh-redirect from the node: stop the installer, `mesh-redirect uninstall`");
+    assert!(node.stop_installer().success());
+    let out = std::process::Command::new(common::PLUGIN)
+        .arg("uninstall")
+        .arg("--cni-bin-dir")
+        .arg(node.bin_dir())
+        .arg("--cni-conf-dir")
+        .arg(node.conf_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&conflist).unwrap(),
+        primary,
+        "the primary config given back byte for byte"
+    );
+    assert!(!node.bin_dir().join("mesh-redirect").exists());
+    let loaded = node.wait_runtime_loaded(&conflist);
+    assert_eq!(types(&loaded), ["bridge", "portmap"]);
+    r.ok("primary config byte for byte as before, binary gone, containerd reloaded the bare chain");
+
+    let total = r.start.elapsed();
+    r.step("cleanup: containerd, shims, mounts, cgroups, namespaces, temp dir (on drop)");
+    drop(cluster);
+    let (tmp, ns, cgroup_root, socket) = (
+        node.tmp.path().to_path_buf(),
+        node.ns.path(),
+        node.cgroup_root.clone(),
+        node.socket(),
+    );
+    drop(node);
+    assert!(!tmp.exists(), "{} left", tmp.display());
+    assert!(!Path::new(&ns).exists(), "{ns} left");
+    assert!(
+        node::cgroup_mounts()
+            .iter()
+            .all(|m| !Path::new(m).join(&cgroup_root).exists()),
+        "cgroup {cgroup_root} left"
+    );
+    assert!(
+        node::procs_with(|argv| argv.iter().any(|a| Path::new(a) == socket)).is_empty(),
+        "a process of this containerd is left"
+    );
+    r.ok("nothing left: temp dir, node netns, cgroups, processes");
+    say(&format!(
+        "PASS  node e2e in {:.1}s ({NETWORK}: 5 pods started and deleted, 1 refused)",
+        total.as_secs_f64()
+    ));
+}
