@@ -17,7 +17,9 @@ pub const LIBS_DIR: &str = "mesh-redirect.libs";
 pub const BACKUP_SUFFIX: &str = ".mesh-redirect-orig";
 
 /// Writes `bytes` to `dir/name` atomically: a new temporary file in the same directory, synced,
-/// given `mode`, then renamed over the target. Readers see the old file or the new one.
+/// given `mode`, then renamed over the target. Readers see the old file or the new one. (The
+/// temporary file must live in the directory: rename is atomic only within a filesystem, and
+/// containerd 1.6's conf-dir watcher reloads on its WRITE events but ignores CREATE ones.)
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let create = || {
