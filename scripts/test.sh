@@ -16,8 +16,11 @@ cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== shellcheck"
-shellcheck scripts/*.sh .ci/run
+shellcheck scripts/*.sh .ci/run fuzz/run.sh
 echo "== deploy/ manifests"
 scripts/check-manifests.sh
 echo "== cargo test"
 cargo test --all-targets "$@"
+echo "== fuzz: the harness crate, then a smoke run of every target (fuzz/README.md)"
+(cd fuzz && cargo fmt --check && cargo clippy --all-targets --quiet -- -D warnings && cargo test --lib --quiet)
+fuzz/run.sh 10

@@ -642,7 +642,7 @@ mod tests {
             p.exclude_interfaces,
             ["eth1", "net1"].iter().map(|s| s.to_string()).collect()
         );
-        for bad_value in ["a/b", "waytoolonginterfacename0"] {
+        for bad_value in ["a/b", "waytoolonginterfacename0", "a\"b", "a\\b"] {
             let e = err(&[(istio::EXCLUDE_INTERFACES, bad_value)]);
             assert_eq!(e.code, code::BAD_ANNOTATION);
             assert!(e.msg.contains(istio::EXCLUDE_INTERFACES));

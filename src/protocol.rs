@@ -247,9 +247,13 @@ pub fn valid_ifname(name: &str) -> Result<(), &'static str> {
         Err("is not a valid interface name")
     } else if name
         .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
     {
-        Err("contains '/', ':', a NUL or whitespace")
+        Err("contains '/', ':', whitespace or a control character")
+    } else if name.contains(['"', '\\']) {
+        // The kernel would take them, but no real interface has them, and nft text cannot
+        // quote them.
+        Err("contains a quote or a backslash")
     } else {
         Ok(())
     }
@@ -652,6 +656,14 @@ mod tests {
         // 0.3.x <-> 0.4.0 share a shape: only the version string changes.
         let out = pass_through_result(&prev, "0.3.1").unwrap();
         assert_eq!(out["ips"], prev["ips"]);
+    }
+
+    #[test]
+    fn pass_through_keeps_numbers_exactly() {
+        let text = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","mtu":1500}],"x":0.1000000000000000055511151231257827,"big":123456789012345678901234567890}"#;
+        let prev: Value = serde_json::from_str(text).unwrap();
+        let out = pass_through_result(&prev, "1.0.0").unwrap();
+        assert_eq!(out.to_string(), text);
     }
 
     #[test]

@@ -1,0 +1,708 @@
+//! Invariant checks shared by the fuzz targets (see ../README.md for the list).
+//!
+//! Every check `panic!`s with a message naming the broken invariant: libFuzzer reports a panic
+//! as a crash and saves the input. Nothing here touches the kernel.
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use mesh_redirect::config::{Annotations, PluginConfig};
+use mesh_redirect::kernel::encode_elems;
+use mesh_redirect::nft_text;
+use mesh_redirect::nftnl_ext::{Elem, KeyType};
+use mesh_redirect::policy::{
+    self, Cidrs, Decision, Inbound, Mode, OutboundRanges, Plan, Pod, istio,
+};
+use mesh_redirect::protocol::{CniError, code, truncate};
+use mesh_redirect::ruleset::{self, Elems, Family, Match, Ruleset};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+/// Every annotation name of the istio profile (and the plugin's own `captureDNS`).
+pub const ISTIO_NAMES: [&str; 11] = [
+    istio::STATUS,
+    istio::INJECT,
+    istio::INTERCEPTION_MODE,
+    istio::INCLUDE_OUTBOUND_IP_RANGES,
+    istio::EXCLUDE_OUTBOUND_IP_RANGES,
+    istio::INCLUDE_INBOUND_PORTS,
+    istio::EXCLUDE_INBOUND_PORTS,
+    istio::INCLUDE_OUTBOUND_PORTS,
+    istio::EXCLUDE_OUTBOUND_PORTS,
+    istio::EXCLUDE_INTERFACES,
+    istio::CAPTURE_DNS,
+];
+
+/// Upper bound on the rules of any ruleset, whatever the list sizes: lists are sets, so the
+/// count depends only on which features are on. The structural maximum is 51 (TPROXY, DNS
+/// capture and every list non-empty: 3 prerouting, 10 inbound, 7 output_mangle, 2 output,
+/// 21 outbound, 6 dns_zone_out, 2 dns_zone_in); without TPROXY and DNS it is under 30.
+pub const MAX_RULES: usize = 60;
+
+/// Runs `decide` and checks every invariant of its outcome (and, for a capture, of the
+/// ruleset, its text and its netlink set elements). Returns the decision for further checks.
+pub fn decide_and_check(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
+    let res = policy::decide(cfg, pod);
+    check_decision(cfg, pod, &res);
+    res
+}
+
+/// Go's `strconv.ParseBool` false values, as README.md defines "not a false value".
+fn is_false(v: &str) -> bool {
+    ["false", "f", "0"]
+        .iter()
+        .any(|f| v.trim().eq_ignore_ascii_case(f))
+}
+
+pub fn check_decision(cfg: &PluginConfig, pod: &Pod<'_>, res: &Result<Decision, CniError>) {
+    match res {
+        Err(e) => check_error(pod, e),
+        Ok(Decision::Skip(why)) => {
+            assert!(!why.is_empty(), "Skip without a reason");
+        }
+        Ok(Decision::Capture(plan)) => {
+            // README "Pod annotations": who may be captured at all.
+            if let Some(ns) = pod.namespace {
+                assert!(
+                    !cfg.exclude_namespaces.iter().any(|e| e == ns),
+                    "captured a pod in excluded namespace {ns:?}"
+                );
+            }
+            let ann = pod
+                .annotations
+                .unwrap_or_else(|| panic!("captured a pod without annotations"));
+            assert!(
+                ann.contains_key(istio::STATUS),
+                "captured a pod without {}",
+                istio::STATUS
+            );
+            if let Some(v) = ann.get(istio::INJECT) {
+                assert!(!is_false(v), "captured a pod with inject={v:?}");
+            }
+            if let Some(v) = ann.get(istio::INTERCEPTION_MODE) {
+                assert!(
+                    !v.trim().eq_ignore_ascii_case("NONE"),
+                    "captured a pod with interceptionMode={v:?}"
+                );
+            }
+            check_plan(cfg, plan);
+            let rs = ruleset::build(plan);
+            check_ruleset(plan, &rs);
+            check_text(&rs);
+            check_encoding(&rs);
+        }
+    }
+}
+
+/// Errors from `decide`: 100 naming the annotation and quoting its value (as given or trimmed,
+/// cut at 200 bytes), or 7 for a Kubernetes
+/// pod whose annotations the runtime did not pass.
+fn check_error(pod: &Pod<'_>, e: &CniError) {
+    match e.code {
+        code::BAD_ANNOTATION => {
+            let ann = pod
+                .annotations
+                .unwrap_or_else(|| panic!("code 100 without annotations: {}", e.msg));
+            // The value is quoted as given or trimmed (interceptionMode quotes it trimmed).
+            let named = ann.iter().any(|(name, value)| {
+                e.msg.contains(name.as_str())
+                    && [value.as_str(), value.trim()]
+                        .iter()
+                        .any(|v| e.msg.contains(&format!("{:?}", truncate(v, 200))))
+            });
+            assert!(
+                named,
+                "code 100 message names no (annotation, value) of the pod: {}",
+                e.msg
+            );
+        }
+        code::INVALID_CONFIG => assert!(
+            pod.annotations.is_none() && pod.name.is_some(),
+            "code 7 from decide for a pod with annotations or no name: {}",
+            e.msg
+        ),
+        other => panic!("decide returned code {other} (want 100 or 7): {}", e.msg),
+    }
+}
+
+fn check_cidr_list<N: Ord + Copy + std::fmt::Debug>(
+    what: &str,
+    nets: &[N],
+    trunc: impl Fn(N) -> N,
+) {
+    for n in nets {
+        assert!(trunc(*n) == *n, "{what}: {n:?} has host bits set");
+    }
+    for w in nets.windows(2) {
+        assert!(
+            w[0] < w[1],
+            "{what}: not sorted or duplicated: {:?} then {:?}",
+            w[0],
+            w[1]
+        );
+    }
+}
+
+fn check_cidrs(what: &str, c: &Cidrs) {
+    check_cidr_list(&format!("{what} v4"), &c.v4, |n: Ipv4Net| n.trunc());
+    check_cidr_list(&format!("{what} v6"), &c.v6, |n: Ipv6Net| n.trunc());
+}
+
+fn check_ports<'a>(what: &str, ports: impl IntoIterator<Item = &'a u16>) {
+    for &p in ports {
+        assert!(p != 0, "{what}: port 0");
+    }
+}
+
+fn check_ifname(what: &str, name: &str) {
+    assert!(
+        (1..=15).contains(&name.len()),
+        "{what}: interface name {name:?} is {} bytes",
+        name.len()
+    );
+    assert!(
+        !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0'),
+        "{what}: interface name {name:?} has '/', ':', whitespace or NUL"
+    );
+    assert!(
+        name != "." && name != "..",
+        "{what}: interface name {name:?}"
+    );
+}
+
+pub fn check_plan(cfg: &PluginConfig, plan: &Plan) {
+    assert_eq!(
+        (
+            plan.proxy_uid,
+            plan.proxy_gid,
+            plan.outbound_port,
+            plan.inbound_port
+        ),
+        (
+            cfg.proxy_uid,
+            cfg.proxy_gid,
+            cfg.outbound_port,
+            cfg.inbound_port
+        ),
+        "plan does not carry the config's proxy ids and ports"
+    );
+    check_cidrs("exclude_ranges", &plan.exclude_ranges);
+    if let OutboundRanges::Only(c) = &plan.include_ranges {
+        check_cidrs("include_ranges", c);
+    }
+    match &plan.inbound {
+        Inbound::AllExcept(p) => {
+            check_ports("inbound AllExcept", p);
+            for a in istio::ALWAYS_EXCLUDED_INBOUND {
+                assert!(
+                    p.contains(&a),
+                    "inbound AllExcept lacks always-excluded {a}"
+                );
+            }
+        }
+        Inbound::Only(p) => {
+            assert!(!p.is_empty(), "Inbound::Only is empty");
+            check_ports("inbound Only", p);
+        }
+        Inbound::Off => {}
+    }
+    check_ports("include_outbound_ports", &plan.include_outbound_ports);
+    check_ports("exclude_outbound_ports", &plan.exclude_outbound_ports);
+    for n in &plan.exclude_interfaces {
+        check_ifname("exclude_interfaces", n);
+    }
+    if let Some(p) = plan.dns_port {
+        assert!(p != 0, "dns port 0");
+        assert!(
+            !plan.exclude_outbound_ports.contains(&53),
+            "DNS captured although excludeOutboundPorts holds 53"
+        );
+    }
+}
+
+fn referenced_sets(rs: &Ruleset) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    for c in &rs.chains {
+        for r in &c.rules {
+            for m in &r.matches {
+                match m {
+                    Match::IifnameIn(s) | Match::OifnameIn(s) => out.push((*s, "ifname")),
+                    Match::DaddrIn(Family::V4, s) => out.push((*s, "v4")),
+                    Match::DaddrIn(Family::V6, s) => out.push((*s, "v6")),
+                    Match::DportIn(s) => out.push((*s, "port")),
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+fn kind(e: &Elems) -> &'static str {
+    match e {
+        Elems::V4(_) => "v4",
+        Elems::V6(_) => "v6",
+        Elems::Ports(_) => "port",
+        Elems::Ifnames(_) => "ifname",
+    }
+}
+
+/// Sorted, non-overlapping (aggregated: no CIDR inside or overlapping another) address sets.
+fn check_aggregated<N: Copy + std::fmt::Debug>(
+    what: &str,
+    nets: &[N],
+    range: impl Fn(N) -> (u128, u128),
+    is_trunc: impl Fn(N) -> bool,
+) {
+    for n in nets {
+        assert!(is_trunc(*n), "set {what}: {n:?} has host bits set");
+    }
+    for w in nets.windows(2) {
+        let (a, b) = (range(w[0]), range(w[1]));
+        assert!(
+            a.1 < b.0,
+            "set {what}: {:?} and {:?} overlap or are out of order",
+            w[0],
+            w[1]
+        );
+    }
+}
+
+/// Every CIDR of the plan's list lies inside some element of the set built from it.
+fn check_covered<N: Copy + std::fmt::Debug>(
+    what: &str,
+    plan: &[N],
+    set: &[N],
+    range: impl Fn(N) -> (u128, u128),
+) {
+    let set_ranges: Vec<(u128, u128)> = set.iter().map(|&n| range(n)).collect();
+    for &n in plan {
+        let (s, e) = range(n);
+        let i = set_ranges.partition_point(|r| r.0 <= s);
+        let inside = i > 0 && set_ranges[i - 1].1 >= e;
+        assert!(
+            inside,
+            "set {what}: plan CIDR {n:?} is not covered by the set"
+        );
+    }
+}
+
+fn v4_range(n: Ipv4Net) -> (u128, u128) {
+    (
+        u32::from(n.network()) as u128,
+        u32::from(n.broadcast()) as u128,
+    )
+}
+
+fn v6_range(n: Ipv6Net) -> (u128, u128) {
+    (u128::from(n.network()), u128::from(n.broadcast()))
+}
+
+pub fn check_ruleset(plan: &Plan, rs: &Ruleset) {
+    assert!(
+        rs.routing.is_some() == (plan.mode == Mode::Tproxy),
+        "policy routing {:?} for mode {:?}",
+        rs.routing,
+        plan.mode
+    );
+    assert!(
+        rs.rule_count() < MAX_RULES,
+        "{} rules (limit {MAX_RULES})",
+        rs.rule_count()
+    );
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &rs.sets {
+        *names.entry(s.name).or_default() += 1;
+        assert!(!s.elems.is_empty(), "set {} is empty", s.name);
+    }
+    for (name, n) in &names {
+        assert!(*n == 1, "set {name} defined {n} times");
+    }
+    let refs = referenced_sets(rs);
+    for (name, want) in &refs {
+        let set = rs
+            .set(name)
+            .unwrap_or_else(|| panic!("rule references set {name}, which does not exist"));
+        assert!(
+            kind(&set.elems) == *want,
+            "set {name} holds {} elements but is matched as {want}",
+            kind(&set.elems)
+        );
+    }
+    for s in &rs.sets {
+        assert!(
+            refs.iter().any(|(n, _)| *n == s.name),
+            "set {} is referenced by no rule",
+            s.name
+        );
+        match &s.elems {
+            Elems::V4(v) => check_aggregated(s.name, v, v4_range, |n| n.trunc() == n),
+            Elems::V6(v) => check_aggregated(s.name, v, v6_range, |n| n.trunc() == n),
+            Elems::Ports(p) => {
+                check_ports(s.name, p);
+                for w in p.windows(2) {
+                    assert!(w[0] < w[1], "set {}: ports not sorted/unique", s.name);
+                }
+            }
+            Elems::Ifnames(v) => {
+                for n in v {
+                    check_ifname(s.name, n);
+                }
+                for w in v.windows(2) {
+                    assert!(w[0] < w[1], "set {}: names not sorted/unique", s.name);
+                }
+            }
+        }
+    }
+    // The address sets cover what the plan lists.
+    let pairs = [
+        (
+            ruleset::SET_OUT_EXCLUDE_V4,
+            ruleset::SET_OUT_EXCLUDE_V6,
+            Some(&plan.exclude_ranges),
+        ),
+        (
+            ruleset::SET_OUT_INCLUDE_V4,
+            ruleset::SET_OUT_INCLUDE_V6,
+            match &plan.include_ranges {
+                OutboundRanges::Only(c) => Some(c),
+                OutboundRanges::All => None,
+            },
+        ),
+    ];
+    for (n4, n6, cidrs) in pairs {
+        let Some(c) = cidrs else { continue };
+        match rs.set(n4).map(|s| &s.elems) {
+            Some(Elems::V4(set)) => check_covered(n4, &c.v4, set, v4_range),
+            None => assert!(c.v4.is_empty(), "plan has v4 CIDRs but no set {n4}"),
+            Some(_) => panic!("set {n4} is not a v4 set"),
+        }
+        match rs.set(n6).map(|s| &s.elems) {
+            Some(Elems::V6(set)) => check_covered(n6, &c.v6, set, v6_range),
+            None => assert!(c.v6.is_empty(), "plan has v6 CIDRs but no set {n6}"),
+            Some(_) => panic!("set {n6} is not a v6 set"),
+        }
+    }
+    // Chains: unique names, jump targets exist.
+    let mut chains: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &rs.chains {
+        *chains.entry(c.name).or_default() += 1;
+    }
+    for (name, n) in &chains {
+        assert!(*n == 1, "chain {name} defined {n} times");
+    }
+    for c in &rs.chains {
+        for r in &c.rules {
+            if let ruleset::Action::Jump(t) = r.action {
+                assert!(
+                    chains.contains_key(t),
+                    "chain {} jumps to missing {t}",
+                    c.name
+                );
+            }
+        }
+    }
+}
+
+pub fn check_text(rs: &Ruleset) {
+    let text = nft_text::render(rs);
+    assert!(
+        text.contains("table inet mesh_redirect"),
+        "render lacks the table"
+    );
+    for s in &rs.sets {
+        assert!(
+            text.contains(&format!("set {} {{", s.name)),
+            "render lacks set {}",
+            s.name
+        );
+    }
+    for c in &rs.chains {
+        assert!(
+            text.contains(&format!("chain {} {{", c.name)),
+            "render lacks chain {}",
+            c.name
+        );
+    }
+}
+
+fn key_value(what: &str, e: &Elem, len: usize) -> u128 {
+    assert!(
+        e.key.len() == len,
+        "set {what}: key of {} bytes, want {len}",
+        e.key.len()
+    );
+    e.key
+        .iter()
+        .fold(0u128, |acc, b| (acc << 8) | u128::from(*b))
+}
+
+/// Interval-set encoding: `[end-marker at 0]? (start end)* [start]?` with strictly increasing
+/// keys; the leading marker exactly when the first range does not start at 0; a final start
+/// without end exactly when the last range reaches the top of the key space; and the decoded
+/// ranges equal the set's CIDRs with adjacent ones merged.
+fn check_intervals(what: &str, elems: &[Elem], nets: &[(u128, u128)], len: usize, max: u128) {
+    assert!(!elems.is_empty(), "set {what}: no elements encoded");
+    let keys: Vec<u128> = elems.iter().map(|e| key_value(what, e, len)).collect();
+    for w in keys.windows(2) {
+        assert!(
+            w[0] < w[1],
+            "set {what}: keys not strictly increasing: {keys:x?}"
+        );
+    }
+    let mut i = 0;
+    if elems[0].interval_end {
+        assert!(
+            keys[0] == 0,
+            "set {what}: leading end marker at {:#x}, not 0",
+            keys[0]
+        );
+        i = 1;
+        assert!(i < elems.len(), "set {what}: only an end marker");
+    } else {
+        assert!(
+            keys[0] == 0,
+            "set {what}: first range starts at {:#x} without a leading end marker",
+            keys[0]
+        );
+    }
+    let mut decoded = Vec::new();
+    while i < elems.len() {
+        assert!(
+            !elems[i].interval_end,
+            "set {what}: element {i} is an interval end where a start belongs"
+        );
+        let start = keys[i];
+        if i + 1 < elems.len() {
+            assert!(
+                elems[i + 1].interval_end,
+                "set {what}: element {} is a start where an interval end belongs",
+                i + 1
+            );
+            decoded.push((start, keys[i + 1] - 1));
+            i += 2;
+        } else {
+            decoded.push((start, max));
+            i += 1;
+        }
+    }
+    let mut sorted = nets.to_vec();
+    sorted.sort();
+    let mut merged: Vec<(u128, u128)> = Vec::new();
+    for (s, e) in sorted {
+        match merged.last_mut() {
+            Some(last) if last.1 == max || s <= last.1 + 1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    assert!(
+        decoded == merged,
+        "set {what}: encoded ranges {decoded:x?} differ from the CIDRs' {merged:x?}"
+    );
+}
+
+pub fn check_encoding(rs: &Ruleset) {
+    for s in &rs.sets {
+        let (key, interval, elems) = encode_elems(&s.elems);
+        match &s.elems {
+            Elems::V4(v) => {
+                assert!(
+                    matches!(key, KeyType::Ipv4Addr) && interval,
+                    "set {}: key type",
+                    s.name
+                );
+                let r: Vec<_> = v.iter().map(|&n| v4_range(n)).collect();
+                check_intervals(s.name, &elems, &r, 4, u32::MAX as u128);
+            }
+            Elems::V6(v) => {
+                assert!(
+                    matches!(key, KeyType::Ipv6Addr) && interval,
+                    "set {}: key type",
+                    s.name
+                );
+                let r: Vec<_> = v.iter().map(|&n| v6_range(n)).collect();
+                check_intervals(s.name, &elems, &r, 16, u128::MAX);
+            }
+            Elems::Ports(p) => {
+                assert!(
+                    matches!(key, KeyType::InetService) && !interval,
+                    "set {}: key type",
+                    s.name
+                );
+                let want: Vec<Elem> = p
+                    .iter()
+                    .map(|p| Elem {
+                        key: p.to_be_bytes().to_vec(),
+                        interval_end: false,
+                    })
+                    .collect();
+                assert!(elems == want, "set {}: port elements {elems:?}", s.name);
+            }
+            Elems::Ifnames(v) => {
+                assert!(
+                    matches!(key, KeyType::Ifname) && !interval,
+                    "set {}: key type",
+                    s.name
+                );
+                assert!(
+                    elems.len() == v.len(),
+                    "set {}: {} elements for {} names",
+                    s.name,
+                    elems.len(),
+                    v.len()
+                );
+                for (e, n) in elems.iter().zip(v) {
+                    assert!(
+                        !e.interval_end && e.key.len() == 16,
+                        "set {}: ifname key {e:?}",
+                        s.name
+                    );
+                    assert!(
+                        e.key.starts_with(n.as_bytes()) && e.key[n.len()..].iter().all(|&b| b == 0),
+                        "set {}: key {:?} is not {n:?} NUL-padded",
+                        s.name,
+                        e.key
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Annotations from (name, value) pairs; later pairs win, as in a JSON object.
+pub fn annotations<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Annotations {
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Runs `f` with file descriptor 2 pointed at /dev/null: `plugin::run` logs one line per
+/// invocation to stderr, which would flood libFuzzer's output. A panic hook (installed once,
+/// in front of libfuzzer-sys's) puts stderr back first, so panic messages still show.
+pub fn with_stderr_silenced<T>(f: impl FnOnce() -> T) -> T {
+    static FDS: OnceLock<(libc::c_int, libc::c_int)> = OnceLock::new();
+    let &(saved, null) = FDS.get_or_init(|| {
+        // SAFETY: plain fd syscalls on descriptors we own.
+        let saved = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 10) };
+        let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        assert!(saved >= 0 && null >= 0, "cannot set up stderr redirection");
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // SAFETY: restores fd 2 from our saved copy.
+            unsafe { libc::dup2(saved, 2) };
+            prev(info);
+        }));
+        (saved, null)
+    });
+    // SAFETY: as above; single-threaded harness.
+    unsafe { libc::dup2(null, 2) };
+    let out = f();
+    unsafe { libc::dup2(saved, 2) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(a: &Annotations) -> Pod<'_> {
+        Pod {
+            namespace: Some("default"),
+            name: Some("web-0"),
+            annotations: Some(a),
+        }
+    }
+
+    #[test]
+    fn realistic_plans_pass_every_check() {
+        let cfg = PluginConfig {
+            capture_dns: true,
+            ..PluginConfig::default()
+        };
+        for pairs in [
+            vec![],
+            vec![(
+                istio::EXCLUDE_OUTBOUND_IP_RANGES,
+                "10.0.0.0/8,10.1.0.0/16, 11.0.0.0/8,fd00::/8,::/0",
+            )],
+            vec![(
+                istio::INCLUDE_OUTBOUND_IP_RANGES,
+                "0.0.0.0/0, 255.255.255.255, ffff::/16",
+            )],
+            vec![(istio::INCLUDE_OUTBOUND_IP_RANGES, "128.0.0.0/1,0.0.0.0/1")],
+            vec![
+                (istio::EXCLUDE_INTERFACES, "eth1, net1"),
+                (istio::INTERCEPTION_MODE, "TPROXY"),
+            ],
+            vec![
+                (istio::INCLUDE_INBOUND_PORTS, "80,443"),
+                (istio::INCLUDE_OUTBOUND_PORTS, "3306"),
+            ],
+        ] {
+            let mut a = annotations(pairs);
+            a.insert(istio::STATUS.into(), "{}".into());
+            let d = decide_and_check(&cfg, &pod(&a)).unwrap();
+            assert!(matches!(d, Decision::Capture(_)));
+        }
+    }
+
+    #[test]
+    fn errors_pass_the_error_checks() {
+        let a = annotations([(istio::STATUS, "{}"), (istio::EXCLUDE_INBOUND_PORTS, "x")]);
+        assert_eq!(
+            decide_and_check(&PluginConfig::default(), &pod(&a))
+                .unwrap_err()
+                .code,
+            100
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "differ from the CIDRs")]
+    fn interval_check_catches_a_wrong_encoding() {
+        let elems = vec![
+            Elem {
+                key: vec![0, 0, 0, 0],
+                interval_end: true,
+            },
+            Elem {
+                key: vec![10, 0, 0, 0],
+                interval_end: false,
+            },
+            Elem {
+                key: vec![11, 0, 0, 0],
+                interval_end: true,
+            },
+        ];
+        check_intervals(
+            "t",
+            &elems,
+            &[(10 << 24, (12 << 24) - 1)],
+            4,
+            u32::MAX as u128,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "leading end marker")]
+    fn interval_check_catches_a_bad_marker() {
+        let elems = vec![
+            Elem {
+                key: vec![1, 0, 0, 0],
+                interval_end: true,
+            },
+            Elem {
+                key: vec![10, 0, 0, 0],
+                interval_end: false,
+            },
+        ];
+        check_intervals(
+            "t",
+            &elems,
+            &[(10 << 24, u32::MAX as u128)],
+            4,
+            u32::MAX as u128,
+        );
+    }
+}
