@@ -168,6 +168,13 @@ fn check_ifname(what: &str, name: &str) {
         name != "." && name != "..",
         "{what}: interface name {name:?}"
     );
+    // The nft text quotes names: a quote, backslash or control character would break it.
+    assert!(
+        !name
+            .chars()
+            .any(|c| c == '"' || c == '\\' || c.is_control()),
+        "{what}: interface name {name:?} cannot be written in nft text"
+    );
 }
 
 pub fn check_plan(cfg: &PluginConfig, plan: &Plan) {
