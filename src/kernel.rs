@@ -6,7 +6,9 @@
 //! with everything in it), so the kernel commits all of it or none of it.
 
 use crate::nft_text;
-use crate::nftnl_ext::{self, CtZoneSet, Elem, KeyType, Lookup, NamedSet, Redir, Tproxy};
+use crate::nftnl_ext::{
+    self, CtZoneSet, Elem, Exclusive, KeyType, Lookup, NamedSet, Redir, SetElems, Tproxy,
+};
 use crate::route::{self, Obj, Routing, Rtnl};
 use crate::ruleset::{
     Action, ChainKind, Cmp, Elems, Family, HookPoint, L4, Match, Rule as IrRule, Ruleset, TABLE,
@@ -388,33 +390,48 @@ fn set_ids(rs: &Ruleset) -> SetIds {
         .collect()
 }
 
-/// add table; delete table (whatever was there); then the whole new table.
-fn replace_batch(rs: &Ruleset) -> Built {
+/// How the batch brings the table in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    /// There is none: create it exclusively (EEXIST if one appeared meanwhile). A commit that
+    /// only adds leaves the kernel no destroy work, so closing the socket does not wait for an
+    /// RCU grace period (see `docs/PERFORMANCE.md`).
+    Create,
+    /// add table; delete table (whatever was there); then the whole new table.
+    Replace,
+}
+
+fn replace_batch(rs: &Ruleset, how: Replace) -> Built {
     let table = Table::new(cstring(TABLE), FAMILY);
     let mut batch = Batch::new();
     let mut what = Vec::new();
-    batch.add(&table, MsgType::Add);
-    what.push(format!("table inet {TABLE} (make sure it exists)"));
-    batch.add(&table, MsgType::Del);
-    what.push(format!("table inet {TABLE} (delete the old one)"));
-    batch.add(&table, MsgType::Add);
-    what.push(format!("table inet {TABLE}"));
+    match how {
+        Replace::Create => {
+            batch.add(&Exclusive(&table), MsgType::Add);
+            what.push(format!("table inet {TABLE} (create)"));
+        }
+        Replace::Replace => {
+            batch.add(&table, MsgType::Add);
+            what.push(format!("table inet {TABLE} (make sure it exists)"));
+            batch.add(&table, MsgType::Del);
+            what.push(format!("table inet {TABLE} (delete the old one)"));
+            batch.add(&table, MsgType::Add);
+            what.push(format!("table inet {TABLE}"));
+        }
+    }
     let ids = set_ids(rs);
     for s in &rs.sets {
         let (key, interval, elems) = encode_elems(&s.elems);
         let id = ids.get(s.name).copied().unwrap_or(0);
-        let mut set = NamedSet::new(&table, &cstring(s.name), id, key, interval);
-        for e in &elems {
-            set.add(e);
-        }
-        batch.add(&set, MsgType::Add);
+        let name = cstring(s.name);
+        batch.add(
+            &NamedSet::new(&table, &name, id, key, interval),
+            MsgType::Add,
+        );
         what.push(format!("set {}", s.name));
-        let msgs = set.elem_msgs();
-        let mut part = 1;
-        while msgs.has_more() {
-            batch.add(&msgs, MsgType::Add);
-            what.push(format!("elements of set {} (message {part})", s.name));
-            part += 1;
+        for (part, msg) in SetElems::chunks(&table, &name, id, &elems).enumerate() {
+            batch.add(&msg, MsgType::Add);
+            what.push(format!("elements of set {} (message {})", s.name, part + 1));
         }
     }
     let chains: Vec<Chain> = rs.chains.iter().map(|c| make_chain(&table, c)).collect();
@@ -545,13 +562,27 @@ impl Kernel {
             Some(r) => self.add_routing(r)?,
             None => Vec::new(),
         };
-        let res = self.send(&replace_batch(rs));
+        let res = self.install(rs);
         if res.is_err()
             && let Some(r) = &rs.routing
         {
             self.remove_routing(r, &added);
         }
         res
+    }
+
+    /// The table: created fresh when there is none (the cheap commit), else replaced. If a
+    /// table appears between the question and the batch (a concurrent ADD), the exclusive
+    /// create fails as a whole and the replace runs instead.
+    fn install(&mut self, rs: &Ruleset) -> Result<(), KernelError> {
+        if !self.table_exists()? {
+            match self.send(&replace_batch(rs, Replace::Create)) {
+                Err(KernelError::Refused { err, .. })
+                    if err.raw_os_error() == Some(libc::EEXIST) => {}
+                other => return other,
+            }
+        }
+        self.send(&replace_batch(rs, Replace::Replace))
     }
 
     /// Deletes the table if it exists, and `routing`'s objects (the ::6 address only with

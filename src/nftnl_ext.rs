@@ -95,7 +95,27 @@ pub struct Elem {
     pub interval_end: bool,
 }
 
-/// A named set (with `NFT_SET_INTERVAL` for address ranges) and its elements.
+/// Elements per NEWSETELEM message: well inside one message's 64 KiB (an IPv6 interval
+/// element takes about 40 bytes), and few enough that only one chunk of libnftnl element
+/// objects (a few hundred bytes each) is alive at a time, whatever the set's size.
+const ELEMS_PER_MESSAGE: usize = 512;
+
+/// A new libnftnl set object naming `name` in `table` (the fields every set message carries).
+fn set_object(table: &Table, name: &CStr, id: u32) -> NonNull<sys::nftnl_set> {
+    let set = alloc(unsafe { sys::nftnl_set_alloc() });
+    // SAFETY: `set` is a live nftnl_set; strings are copied by libnftnl.
+    unsafe {
+        let s = set.as_ptr();
+        sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FAMILY as u16, table.get_family() as u32);
+        sys::nftnl_set_set_str(s, sys::NFTNL_SET_TABLE as u16, table.get_name().as_ptr());
+        sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, name.as_ptr());
+        sys::nftnl_set_set_u32(s, sys::NFTNL_SET_ID as u16, id);
+    }
+    set
+}
+
+/// A named set (with `NFT_SET_INTERVAL` for address ranges): the NEWSET message. Its elements
+/// go in [`SetElems`] messages.
 pub struct NamedSet<'a> {
     set: NonNull<sys::nftnl_set>,
     table: &'a Table,
@@ -103,14 +123,10 @@ pub struct NamedSet<'a> {
 
 impl<'a> NamedSet<'a> {
     pub fn new(table: &'a Table, name: &CStr, id: u32, key: KeyType, interval: bool) -> Self {
-        let set = alloc(unsafe { sys::nftnl_set_alloc() });
-        // SAFETY: `set` is a live nftnl_set; strings are copied by libnftnl.
+        let set = set_object(table, name, id);
+        // SAFETY: `set` is a live nftnl_set; the udata buffer is freed after libnftnl copied it.
         unsafe {
             let s = set.as_ptr();
-            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FAMILY as u16, table.get_family() as u32);
-            sys::nftnl_set_set_str(s, sys::NFTNL_SET_TABLE as u16, table.get_name().as_ptr());
-            sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, name.as_ptr());
-            sys::nftnl_set_set_u32(s, sys::NFTNL_SET_ID as u16, id);
             let flags = if interval {
                 libc::NFT_SET_INTERVAL as u32
             } else {
@@ -137,37 +153,6 @@ impl<'a> NamedSet<'a> {
             sys::nftnl_udata_buf_free(ud.as_ptr());
         }
         NamedSet { set, table }
-    }
-
-    pub fn add(&mut self, elem: &Elem) {
-        // SAFETY: the element is allocated here and owned by the set after nftnl_set_elem_add.
-        unsafe {
-            let e = alloc(sys::nftnl_set_elem_alloc()).as_ptr();
-            sys::nftnl_set_elem_set(
-                e,
-                sys::NFTNL_SET_ELEM_KEY as u16,
-                elem.key.as_ptr().cast(),
-                elem.key.len() as u32,
-            );
-            if elem.interval_end {
-                sys::nftnl_set_elem_set_u32(
-                    e,
-                    sys::NFTNL_SET_ELEM_FLAGS as u16,
-                    libc::NFT_SET_ELEM_INTERVAL_END as u32,
-                );
-            }
-            sys::nftnl_set_elem_add(self.set.as_ptr(), e);
-        }
-    }
-
-    /// The NEWSETELEM messages carrying the elements, each as full as a message can be.
-    /// Each message is built when the batch writes it, which also advances the iterator.
-    pub fn elem_msgs(&self) -> ElemMsgs<'_> {
-        ElemMsgs {
-            set: self,
-            iter: alloc(unsafe { sys::nftnl_set_elems_iter_create(self.set.as_ptr()) }),
-            more: std::cell::Cell::new(true),
-        }
     }
 }
 
@@ -196,38 +181,85 @@ unsafe impl NlMsg for NamedSet<'_> {
     }
 }
 
-/// Iterator state over a set's elements; see [`NamedSet::elem_msgs`].
-pub struct ElemMsgs<'a> {
-    set: &'a NamedSet<'a>,
-    iter: NonNull<sys::nftnl_set_elems_iter>,
-    more: std::cell::Cell<bool>,
+/// One NEWSETELEM message: a chunk of a set's elements.
+pub struct SetElems<'a> {
+    set: NonNull<sys::nftnl_set>,
+    table: &'a Table,
 }
 
-impl ElemMsgs<'_> {
-    /// Whether another message is needed for the remaining elements.
-    pub fn has_more(&self) -> bool {
-        self.more.get() && !unsafe { sys::nftnl_set_elems_iter_cur(self.iter.as_ptr()) }.is_null()
+impl<'a> SetElems<'a> {
+    /// The messages carrying `elems` into set `name` (`id`: its id in this transaction), one
+    /// chunk at a time: build one, add it to the batch, drop it, build the next.
+    pub fn chunks<'e>(
+        table: &'a Table,
+        name: &'e CStr,
+        id: u32,
+        elems: &'e [Elem],
+    ) -> impl Iterator<Item = SetElems<'a>> + 'e
+    where
+        'a: 'e,
+    {
+        elems.chunks(ELEMS_PER_MESSAGE).map(move |chunk| {
+            let set = set_object(table, name, id);
+            for elem in chunk {
+                // SAFETY: the element is allocated here and owned by the set once added.
+                unsafe {
+                    let e = alloc(sys::nftnl_set_elem_alloc()).as_ptr();
+                    sys::nftnl_set_elem_set(
+                        e,
+                        sys::NFTNL_SET_ELEM_KEY as u16,
+                        elem.key.as_ptr().cast(),
+                        elem.key.len() as u32,
+                    );
+                    if elem.interval_end {
+                        sys::nftnl_set_elem_set_u32(
+                            e,
+                            sys::NFTNL_SET_ELEM_FLAGS as u16,
+                            libc::NFT_SET_ELEM_INTERVAL_END as u32,
+                        );
+                    }
+                    sys::nftnl_set_elem_add(set.as_ptr(), e);
+                }
+            }
+            SetElems { set, table }
+        })
     }
 }
 
-impl Drop for ElemMsgs<'_> {
+impl Drop for SetElems<'_> {
     fn drop(&mut self) {
-        unsafe { sys::nftnl_set_elems_iter_destroy(self.iter.as_ptr()) }
+        unsafe { sys::nftnl_set_free(self.set.as_ptr()) }
     }
 }
 
-unsafe impl NlMsg for ElemMsgs<'_> {
+unsafe impl NlMsg for SetElems<'_> {
     unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        // SAFETY: `buf` holds nft_nlmsg_maxsize() bytes (NlMsg's contract) and a chunk is a
+        // fraction of one message.
         unsafe {
             let h = sys::nftnl_nlmsg_build_hdr(
                 buf.cast::<c_char>(),
                 libc::NFT_MSG_NEWSETELEM as u16,
-                self.set.table.get_family() as u16,
+                self.table.get_family() as u16,
                 (libc::NLM_F_CREATE | libc::NLM_F_EXCL | libc::NLM_F_ACK) as u16,
                 seq,
             );
-            let ret = sys::nftnl_set_elems_nlmsg_build_payload_iter(h, self.iter.as_ptr());
-            self.more.set(ret > 0);
+            sys::nftnl_set_elems_nlmsg_build_payload(h, self.set.as_ptr());
+        }
+    }
+}
+
+/// Sends `T`'s add message with `NLM_F_CREATE | NLM_F_EXCL`: fails with EEXIST, failing the
+/// whole batch, if the object already exists.
+pub struct Exclusive<'a, T>(pub &'a T);
+
+unsafe impl<T: NlMsg> NlMsg for Exclusive<'_, T> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        unsafe {
+            self.0.write(buf, seq, msg_type);
+            // The header is at the start of `buf`, aligned (NlMsg's contract).
+            let h = buf.cast::<mlibc::nlmsghdr>();
+            (*h).nlmsg_flags |= (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
         }
     }
 }
@@ -580,16 +612,21 @@ impl Socket {
         batch: &nftnl::FinalizedBatch,
         awaited: std::ops::Range<u32>,
     ) -> io::Result<Vec<BatchError>> {
-        // The kernel takes a batch only from one sendmsg: a batch split over several sends
-        // loses its begin marker after the first. So send the pages as one buffer, with a send
-        // buffer big enough for it (large sets make batches of hundreds of KiB).
-        let mut bytes = Vec::new();
-        for page in batch {
-            bytes.extend_from_slice(page);
-        }
-        self.grow_sndbuf(bytes.len());
-        let sent = self.sock.send(&bytes)?;
-        if sent != bytes.len() {
+        // The kernel takes a batch only from one sendmsg (a batch split over several sends loses
+        // its begin marker after the first), so the batch's pages go as one message's iovecs,
+        // with a send buffer big enough for them (large sets make batches of hundreds of KiB).
+        let pages: Vec<std::io::IoSlice> = batch.iter().map(std::io::IoSlice::new).collect();
+        let len: usize = pages.iter().map(|p| p.len()).sum();
+        self.grow_sndbuf(len);
+        let sent = nix::sys::socket::sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &pages,
+            &[],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .map_err(io::Error::from)?;
+        if sent != len {
             return Err(io::Error::other("netlink sendmsg sent a partial batch"));
         }
         let mut pending: std::collections::BTreeSet<u32> = awaited.collect();
