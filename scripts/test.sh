@@ -21,6 +21,8 @@ echo "== deploy/ manifests"
 scripts/check-manifests.sh
 echo "== cargo test"
 cargo test --all-targets "$@"
+echo "== benchmarks, smoke run (numbers meaningless; checks they run and print their tables)"
+BENCH_OUT=$(mktemp -d) scripts/bench.sh --smoke >/dev/null
 echo "== fuzz: the harness crate, then a smoke run of every target (fuzz/README.md)"
 (cd fuzz && cargo fmt --check && cargo clippy --all-targets --quiet -- -D warnings && cargo test --lib --quiet)
 fuzz/run.sh 10
