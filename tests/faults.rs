@@ -23,13 +23,16 @@ fn netns_vanishing_during_add_is_success_or_101_never_half() {
     require_root();
     let conf = meshed_conf(&[]);
     let mut outcomes = (0, 0);
-    for _ in 0..60 {
+    for i in 0..60u64 {
         let ns = Netns::new("mrt-vanish-");
         let path = ns.path();
         let adder = {
             let (path, conf) = (path.clone(), conf.clone());
             std::thread::spawn(move || add(&path, &conf))
         };
+        // Delete it at a different moment each time (0-6 ms after the exec), so the race falls
+        // before the open, between the open and the commit, and after the commit.
+        std::thread::sleep(std::time::Duration::from_micros(i * 100));
         drop(ns); // ip netns del, racing the ADD
         let (ok, out) = adder.join().unwrap();
         if ok {
