@@ -868,3 +868,121 @@ fn parse_ack(msg: &[u8]) -> Option<(u32, i32)> {
     let echoed_seq = u32::from_ne_bytes(msg.get(off + 4 + 8..off + 4 + 12)?.try_into().ok()?);
     Some((echoed_seq, -err))
 }
+
+#[cfg(test)]
+mod tests {
+    //! No kernel here: messages are built and parsed back the way the kernel would read them.
+    use super::*;
+    use nftnl::{Chain, ProtoFamily};
+
+    fn table() -> Table {
+        Table::new(c"t", ProtoFamily::Inet)
+    }
+
+    fn rendered(add: impl FnOnce(&mut Rule)) -> Vec<String> {
+        let t = table();
+        let c = Chain::new(c"c", &t);
+        let mut r = Rule::new(&c);
+        add(&mut r);
+        render_rule(&r)
+    }
+
+    #[test]
+    fn expressions_render_like_nft_debug_output() {
+        let r = rendered(|r| {
+            r.add_expr(&nftnl::expr::Immediate::new(
+                15001u16.to_be_bytes(),
+                Register::Reg1,
+            ));
+            r.add_expr(&Redir {
+                port: Register::Reg1,
+            });
+        });
+        assert_eq!(
+            r,
+            [
+                "[ immediate reg 1 0x0000993a ]",
+                "[ redir proto_min reg 1 proto_max reg 1 flags 0x2 ]"
+            ]
+        );
+        let r = rendered(|r| r.add_expr(&Lookup::new(c"ports", 3, true)));
+        assert_eq!(r, ["[ lookup reg 1 set ports 0x1 ]"]);
+        let r = rendered(|r| r.add_expr(&Lookup::new(c"ports", 3, false)));
+        assert_eq!(r, ["[ lookup reg 1 set ports 0x0 ]"]);
+        let r = rendered(|r| {
+            r.add_expr(&Tproxy {
+                nfproto: libc::NFPROTO_IPV6 as u32,
+                port: Register::Reg1,
+            })
+        });
+        assert_eq!(r, ["[ tproxy ip6 port reg 1 ]"]);
+        let r = rendered(|r| r.add_expr(&CtZoneSet));
+        assert_eq!(r, ["[ ct set zone with reg 1 ]"]);
+    }
+
+    fn header(buf: &mut MsgBuf) -> (u32, u16, u16) {
+        let b = buf.bytes();
+        (
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()),
+            u16::from_ne_bytes(b[4..6].try_into().unwrap()),
+            u16::from_ne_bytes(b[6..8].try_into().unwrap()),
+        )
+    }
+
+    #[test]
+    fn exclusive_adds_create_and_excl() {
+        let t = table();
+        let mut buf = MsgBuf::new();
+        unsafe { Exclusive(&t).write(buf.ptr(), 1, MsgType::Add) };
+        let (_, ty, flags) = header(&mut buf);
+        assert_eq!(ty & 0xff, libc::NFT_MSG_NEWTABLE as u16);
+        let want = (libc::NLM_F_CREATE | libc::NLM_F_EXCL | libc::NLM_F_ACK) as u16;
+        assert_eq!(flags & want, want);
+    }
+
+    #[test]
+    fn set_elements_come_in_bounded_messages() {
+        let t = table();
+        let elems: Vec<Elem> = (0..1300u32)
+            .map(|i| Elem {
+                key: [0u8; 12].iter().copied().chain(i.to_be_bytes()).collect(),
+                interval_end: i % 2 == 1,
+            })
+            .collect();
+        let msgs: Vec<SetElems> = SetElems::chunks(&t, c"s", 1, &elems).collect();
+        assert_eq!(msgs.len(), 3);
+        for m in &msgs {
+            let mut buf = MsgBuf::new();
+            unsafe { m.write(buf.ptr(), 7, MsgType::Add) };
+            let (len, ty, _) = header(&mut buf);
+            assert_eq!(ty & 0xff, libc::NFT_MSG_NEWSETELEM as u16);
+            assert!(len < 60_000, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn acks_are_parsed_and_garbage_is_not() {
+        // struct nlmsghdr + struct nlmsgerr { int error; struct nlmsghdr msg; }
+        let mut m = vec![0u8; 36];
+        m[0..4].copy_from_slice(&36u32.to_ne_bytes());
+        m[4..6].copy_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+        m[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
+        m[28..32].copy_from_slice(&42u32.to_ne_bytes());
+        assert_eq!(parse_ack(&m), Some((42, libc::EPERM)));
+        m[4..6].copy_from_slice(&3u16.to_ne_bytes());
+        assert_eq!(parse_ack(&m), None);
+        assert_eq!(parse_ack(&m[..20]), None);
+    }
+
+    #[test]
+    fn key_types_match_nft() {
+        for (k, ty, len) in [
+            (KeyType::Ipv4Addr, 7, 4),
+            (KeyType::Ipv6Addr, 8, 16),
+            (KeyType::InetService, 13, 2),
+            (KeyType::Ifname, 41, 16),
+        ] {
+            assert_eq!((k.type_id(), k.key_len()), (ty, len));
+        }
+    }
+}
