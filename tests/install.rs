@@ -99,19 +99,7 @@ impl Node {
     }
 
     fn uninstall(&self) {
-        let out = Command::new(PLUGIN)
-            .arg("uninstall")
-            .arg("--cni-bin-dir")
-            .arg(self.bin())
-            .arg("--cni-conf-dir")
-            .arg(self.conf())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        uninstall(&self.bin(), &self.conf());
     }
 }
 
@@ -124,24 +112,7 @@ struct Installer {
 impl Installer {
     /// GET `path` on the readiness port, from inside the namespace: (status code, body).
     fn get(&self, path: &str) -> Option<(u16, String)> {
-        let ns = self.ns.clone();
-        let path = path.to_string();
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&ns).ok()?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", READY_PORT)).ok()?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).ok()?;
-            let code = resp.split_whitespace().nth(1)?.parse().ok()?;
-            Some((
-                code,
-                resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-            ))
-        })
-        .join()
-        .ok()
-        .flatten()
+        http_get_in(&self.ns, READY_PORT, path)
     }
 
     fn wait_ready(&self) {

@@ -129,6 +129,15 @@ fn prove_capture(r: &Report, node: &Node, pod: &Sandbox) {
 }
 
 /// A pod without capture: no table, and the app's traffic goes where it was sent.
+/// mesh-redirect logged a skip for the pod, and its traffic goes out uncaptured.
+fn prove_skipped(r: &Report, node: &Node, pod: &Sandbox) {
+    let l = add_line(node, pod, "default");
+    let decision = l["decision"].as_str().unwrap_or_default();
+    assert!(decision.starts_with("skipped"), "{l}");
+    r.ok(&format!("mesh-redirect logged {}", brief(&l)));
+    prove_uncaptured(r, pod);
+}
+
 fn prove_uncaptured(r: &Report, pod: &Sandbox) {
     assert!(
         !has_table(&pod.netns),
@@ -230,16 +239,7 @@ fn containerd_runs_kubelet_pods_through_the_installed_chain_and_they_are_capture
             true,
         ))
         .unwrap_or_else(|e| panic!("RunPodSandbox plain-0: {e}"));
-    let l = add_line(&node, &plain, "default");
-    assert!(
-        l["decision"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("skipped"),
-        "{l}"
-    );
-    r.ok(&format!("mesh-redirect logged {}", brief(&l)));
-    prove_uncaptured(&r, &plain);
+    prove_skipped(&r, &node, &plain);
 
     r.step("pod with no annotations at all (a bare CRI client, e.g. `crictl runp`)");
     // containerd 1.6 passes the capability with a JSON null for a pod without annotations
@@ -247,16 +247,7 @@ fn containerd_runs_kubelet_pods_through_the_installed_chain_and_they_are_capture
     let bare = node
         .run_pod(node.pod_config("bare-0", "default", &[], false))
         .unwrap_or_else(|e| panic!("RunPodSandbox bare-0 (no annotations): {e}"));
-    let l = add_line(&node, &bare, "default");
-    assert!(
-        l["decision"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("skipped"),
-        "{l}"
-    );
-    r.ok(&format!("mesh-redirect logged {}", brief(&l)));
-    prove_uncaptured(&r, &bare);
+    prove_skipped(&r, &node, &bare);
 
     r.step("malformed annotation: RunPodSandbox fails with our message, nothing left behind");
     let veths = node.veths();
@@ -456,19 +447,7 @@ fn containerd_runs_kubelet_pods_through_the_installed_chain_and_they_are_capture
 
     r.step("removing mesh-redirect from the node: stop the installer, `mesh-redirect uninstall`");
     assert!(node.stop_installer().success());
-    let out = std::process::Command::new(common::PLUGIN)
-        .arg("uninstall")
-        .arg("--cni-bin-dir")
-        .arg(node.bin_dir())
-        .arg("--cni-conf-dir")
-        .arg(node.conf_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::uninstall(&node.bin_dir(), &node.conf_dir());
     assert_eq!(
         std::fs::read(&conflist).unwrap(),
         primary,

@@ -586,3 +586,49 @@ impl Drop for OwnedTable {
         let _ = self.0.wait();
     }
 }
+
+/// `GET path` over HTTP/1.1 to 127.0.0.1:`port` inside the network namespace at `netns`
+/// (the installer's readiness endpoint): (status code, body).
+pub fn http_get_in(netns: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let (netns, path) = (netns.to_string(), path.to_string());
+    // setns is per thread: a thread of its own enters the namespace and ends there.
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&netns).ok()?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut resp = String::new();
+        std::io::Read::read_to_string(&mut s, &mut resp).ok()?;
+        let code = resp.split_whitespace().nth(1)?.parse().ok()?;
+        Some((
+            code,
+            resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+        ))
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// `mesh-redirect uninstall` for these dirs, asserting it succeeds.
+pub fn uninstall(bin_dir: &Path, conf_dir: &Path) {
+    let out = Command::new(PLUGIN)
+        .arg("uninstall")
+        .arg("--cni-bin-dir")
+        .arg(bin_dir)
+        .arg("--cni-conf-dir")
+        .arg(conf_dir)
+        .output()
+        .expect("run mesh-redirect uninstall");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -12,7 +12,7 @@ use crate::common::{self, Netns, PLUGIN, REFERENCE_PLUGINS, TempDir, unique};
 use crate::cri::{self, Cri, PodSandboxConfig};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -842,29 +842,7 @@ pub struct Installer {
 impl Installer {
     /// GET `path` on the readiness port, from inside the node namespace.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        let ns = self.ns.clone();
-        let path = path.to_string();
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&ns).ok()?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", READY_PORT)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).ok()?;
-            let code = resp.split_whitespace().nth(1)?.parse().ok()?;
-            Some((
-                code,
-                resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-            ))
-        })
-        .join()
-        .ok()
-        .flatten()
+        crate::common::http_get_in(&self.ns, READY_PORT, path)
     }
 
     pub fn wait_ready(&self) {
