@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use mesh_redirect::install::files;
 use serde_json::{Value, json};
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
