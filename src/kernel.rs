@@ -2,8 +2,9 @@
 //! table `inet mesh_redirect` over one netfilter socket.
 //!
 //! The socket belongs to the network namespace it was opened in; the caller opens it inside the
-//! pod's namespace (see `netns`). Replacing is one batch (add table, delete it, add the new one
-//! with everything in it), so the kernel commits all of it or none of it.
+//! pod's namespace (see `netns`). Installing is one batch, so the kernel commits all of it or
+//! none of it: into a namespace without the table, the table created exclusively with
+//! everything in it; over an existing one, add table, delete it, add the new one.
 
 use crate::nft_text;
 use crate::nftnl_ext::{
@@ -682,7 +683,6 @@ impl Kernel {
 
     fn diff_chains(&mut self, rs: &Ruleset, diffs: &mut Vec<String>) -> Result<(), KernelError> {
         let have = self.sock.chains(FAMILY as u16, TABLE)?;
-        let table = Table::new(cstring(TABLE), FAMILY);
         for c in &rs.chains {
             let Some(h) = have.iter().find(|h| h.name == c.name) else {
                 diffs.push(format!("chain {} is missing", c.name));
@@ -707,7 +707,6 @@ impl Kernel {
                 ));
             }
         }
-        drop(table);
         for h in &have {
             if !rs.chains.iter().any(|c| c.name == h.name) {
                 diffs.push(format!("unexpected chain {}", h.name));
@@ -727,17 +726,14 @@ impl Kernel {
                 .iter()
                 .map(|r| nftnl_ext::render_rule(&compile_rule(&chain, r, &ids)))
                 .collect();
-            let got: Vec<&Vec<String>> = have
-                .iter()
-                .filter(|r| r.chain == c.name)
-                .map(|r| &r.exprs)
-                .collect();
-            if got.iter().copied().eq(want.iter()) {
+            let got: Vec<&nftnl_ext::RuleInfo> =
+                have.iter().filter(|r| r.chain == c.name).collect();
+            if got.iter().map(|r| &r.exprs).eq(want.iter()) {
                 continue;
             }
-            let mut unmatched: Vec<&Vec<String>> = got.clone();
+            let mut unmatched = got.clone();
             for (i, w) in want.iter().enumerate() {
-                match unmatched.iter().position(|g| *g == w) {
+                match unmatched.iter().position(|g| g.exprs == *w) {
                     Some(p) => {
                         unmatched.remove(p);
                     }
@@ -750,7 +746,12 @@ impl Kernel {
                 }
             }
             for g in &unmatched {
-                diffs.push(format!("chain {}: unexpected rule {}", c.name, g.join(" ")));
+                diffs.push(format!(
+                    "chain {}: unexpected rule (handle {}): {}",
+                    c.name,
+                    g.handle,
+                    g.exprs.join(" ")
+                ));
             }
             if unmatched.is_empty() && got.len() == want.len() {
                 diffs.push(format!("chain {}: rules are in the wrong order", c.name));

@@ -24,7 +24,12 @@ fn cni_main() -> ExitCode {
             .take(protocol::MAX_STDIN as u64 + 1)
             .read_to_end(&mut stdin);
         match read {
-            Ok(_) => plugin::run(|k| std::env::var(k).ok(), &stdin),
+            // Lossy: a non-UTF-8 value then fails where it is used, naming it, instead of reading
+            // as "missing".
+            Ok(_) => plugin::run(
+                |k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()),
+                &stdin,
+            ),
             Err(e) => plugin::Output {
                 stdout: Some(
                     protocol::CniError::new(

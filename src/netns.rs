@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 pub enum NetnsError {
     #[error("network namespace {0} does not exist")]
     Missing(PathBuf),
+    #[error("{0} is not a network namespace (not an nsfs file: the namespace was torn down)")]
+    TornDown(PathBuf),
     #[error("{0} is not a network namespace ({1})")]
     NotNetns(PathBuf, &'static str),
     #[error("{0} is the plugin's own network namespace (the host's); refusing to change it")]
@@ -31,10 +33,7 @@ pub enum NetnsError {
 impl NetnsError {
     /// The namespace is gone: DEL treats this as success.
     pub fn is_gone(&self) -> bool {
-        matches!(
-            self,
-            NetnsError::Missing(_) | NetnsError::NotNetns(_, "not an nsfs file")
-        )
+        matches!(self, NetnsError::Missing(_) | NetnsError::TornDown(_))
     }
 }
 
@@ -64,7 +63,7 @@ impl Netns {
         // A netns file whose namespace was torn down is left as an empty regular file.
         let fs = fstatfs(file.as_fd()).map_err(|e| NetnsError::Open(p.clone(), e.into()))?;
         if fs.filesystem_type() != NSFS_MAGIC {
-            return Err(NetnsError::NotNetns(p, "not an nsfs file"));
+            return Err(NetnsError::TornDown(p));
         }
         let target = fstat(file.as_fd()).map_err(|e| NetnsError::Open(p.clone(), e.into()))?;
         let own = own_netns()
@@ -76,10 +75,6 @@ impl Netns {
         Ok(Netns { file, path: p })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Runs `f` with the calling thread inside this namespace, then returns to the original.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         let home = own_netns()
@@ -87,8 +82,31 @@ impl Netns {
         // CLONE_NEWNET makes the kernel check the fd is a network namespace (EINVAL otherwise).
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
             .map_err(|e| NetnsError::Enter(self.path.clone(), e))?;
+        // Back home even if `f` panics (the guard's drop), and checked when it does not.
+        let guard = GoHome(Some(home));
         let out = f();
-        setns(home.as_fd(), CloneFlags::CLONE_NEWNET).map_err(NetnsError::Return)?;
+        guard.go()?;
         Ok(out)
+    }
+}
+
+/// Returns the thread to its own network namespace when dropped.
+struct GoHome(Option<File>);
+
+impl GoHome {
+    fn go(mut self) -> Result<(), NetnsError> {
+        match self.0.take() {
+            Some(home) => setns(home.as_fd(), CloneFlags::CLONE_NEWNET).map_err(NetnsError::Return),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for GoHome {
+    fn drop(&mut self) {
+        if let Some(home) = self.0.take() {
+            // Unwinding already: nothing better to do with an error than to leave it.
+            let _ = setns(home.as_fd(), CloneFlags::CLONE_NEWNET);
+        }
     }
 }

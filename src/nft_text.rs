@@ -150,7 +150,7 @@ pub fn render(rs: &Ruleset) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# mesh-redirect: the transaction ADD sends (one netlink batch)"
+        "# mesh-redirect: what ADD installs, as one transaction (into a fresh namespace ADD sends only\n# the `table` part, creating it exclusively; over an existing table, all of this)"
     );
     let _ = writeln!(out, "add table inet {TABLE}");
     let _ = writeln!(out, "delete table inet {TABLE}");
@@ -227,9 +227,9 @@ mod tests {
     #[test]
     fn render_replaces_the_table_in_one_transaction() {
         let text = render(&crate::plugin::default_ruleset());
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[1], "add table inet mesh_redirect");
-        assert_eq!(lines[2], "delete table inet mesh_redirect");
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(lines[0], "add table inet mesh_redirect");
+        assert_eq!(lines[1], "delete table inet mesh_redirect");
         assert!(text.contains("type nat hook prerouting priority -100; policy accept;"));
         assert!(text.contains("elements = { 15020, 15021, 15090 }"));
     }

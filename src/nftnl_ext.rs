@@ -30,7 +30,7 @@ fn alloc<T>(p: *mut T) -> NonNull<T> {
 }
 
 /// A buffer aligned for `nlmsghdr`, `nft_nlmsg_maxsize()` bytes long.
-pub struct MsgBuf(Vec<u64>);
+pub(crate) struct MsgBuf(Vec<u64>);
 
 impl MsgBuf {
     pub fn new() -> MsgBuf {
@@ -116,7 +116,7 @@ fn set_object(table: &Table, name: &CStr, id: u32) -> NonNull<sys::nftnl_set> {
 
 /// A named set (with `NFT_SET_INTERVAL` for address ranges): the NEWSET message. Its elements
 /// go in [`SetElems`] messages.
-pub struct NamedSet<'a> {
+pub(crate) struct NamedSet<'a> {
     set: NonNull<sys::nftnl_set>,
     table: &'a Table,
 }
@@ -182,7 +182,7 @@ unsafe impl NlMsg for NamedSet<'_> {
 }
 
 /// One NEWSETELEM message: a chunk of a set's elements.
-pub struct SetElems<'a> {
+pub(crate) struct SetElems<'a> {
     set: NonNull<sys::nftnl_set>,
     table: &'a Table,
 }
@@ -205,11 +205,13 @@ impl<'a> SetElems<'a> {
                 // SAFETY: the element is allocated here and owned by the set once added.
                 unsafe {
                     let e = alloc(sys::nftnl_set_elem_alloc()).as_ptr();
+                    // Keys are at most 16 bytes (IPv6, ifname): never hand libnftnl more.
+                    let len = elem.key.len().min(16);
                     sys::nftnl_set_elem_set(
                         e,
                         sys::NFTNL_SET_ELEM_KEY as u16,
                         elem.key.as_ptr().cast(),
-                        elem.key.len() as u32,
+                        len as u32,
                     );
                     if elem.interval_end {
                         sys::nftnl_set_elem_set_u32(
@@ -251,13 +253,14 @@ unsafe impl NlMsg for SetElems<'_> {
 
 /// Sends `T`'s add message with `NLM_F_CREATE | NLM_F_EXCL`: fails with EEXIST, failing the
 /// whole batch, if the object already exists.
-pub struct Exclusive<'a, T>(pub &'a T);
+pub(crate) struct Exclusive<'a, T>(pub &'a T);
 
 unsafe impl<T: NlMsg> NlMsg for Exclusive<'_, T> {
     unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
         unsafe {
             self.0.write(buf, seq, msg_type);
-            // The header is at the start of `buf`, aligned (NlMsg's contract).
+            // The header is at the start of `buf`: libnftnl's batch pages are malloc'd and every
+            // message length is NLMSG_ALIGNed, so it is aligned for nlmsghdr.
             let h = buf.cast::<mlibc::nlmsghdr>();
             (*h).nlmsg_flags |= (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
         }
@@ -275,7 +278,7 @@ fn set_u32(e: NonNull<sys::nftnl_expr>, attr: u32, v: u32) {
 
 /// `lookup reg 1 set NAME` (with `NFT_LOOKUP_F_INV` when inverted). `id` is the set's id in
 /// the same transaction, which the kernel uses to find a set created by that transaction.
-pub struct Lookup {
+pub(crate) struct Lookup {
     set: CString,
     id: u32,
     invert: bool,
@@ -316,7 +319,7 @@ impl Expression for Lookup {
 }
 
 /// `redir proto_min reg N`: redirect to the local port held (big-endian) in `port`.
-pub struct Redir {
+pub(crate) struct Redir {
     pub port: Register,
 }
 
@@ -332,7 +335,7 @@ impl Expression for Redir {
 }
 
 /// `tproxy ip|ip6 to :port`: deliver to the local socket on the port held in `port`.
-pub struct Tproxy {
+pub(crate) struct Tproxy {
     /// `NFPROTO_IPV4` or `NFPROTO_IPV6`.
     pub nfproto: u32,
     pub port: Register,
@@ -348,7 +351,7 @@ impl Expression for Tproxy {
 }
 
 /// `ct zone set` from register 1 (a 16-bit zone id).
-pub struct CtZoneSet;
+pub(crate) struct CtZoneSet;
 
 impl Expression for CtZoneSet {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
@@ -395,7 +398,7 @@ fn render_exprs(rule: *mut sys::nftnl_rule) -> Vec<String> {
 
 /// Renders a rule we built by writing its netlink message and parsing it back: exactly the
 /// form a kernel dump of the same rule is rendered in.
-pub fn render_rule(rule: &Rule) -> Vec<String> {
+pub(crate) fn render_rule(rule: &Rule) -> Vec<String> {
     let mut buf = MsgBuf::new();
     // SAFETY: `buf` has nft_nlmsg_maxsize() bytes, which NlMsg::write requires.
     unsafe { rule.write(buf.ptr(), 0, MsgType::Add) };
@@ -412,7 +415,7 @@ pub fn render_rule(rule: &Rule) -> Vec<String> {
 
 /// A chain as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainInfo {
+pub(crate) struct ChainInfo {
     pub name: String,
     /// (hook number, priority, type name) for base chains.
     pub hook: Option<(u32, i32, String)>,
@@ -420,7 +423,7 @@ pub struct ChainInfo {
 
 /// A set as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SetInfo {
+pub(crate) struct SetInfo {
     pub name: String,
     pub flags: u32,
     pub key_type: u32,
@@ -429,7 +432,7 @@ pub struct SetInfo {
 
 /// A rule as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleInfo {
+pub(crate) struct RuleInfo {
     pub chain: String,
     pub handle: u64,
     pub exprs: Vec<String>,
@@ -446,15 +449,15 @@ fn cstr_attr(p: *const c_char) -> String {
 /// Reads one object type from a dump, keeping those of `table`.
 trait Dumpable: Sized {
     const GET: u32;
-    fn parse(nlh: &mlibc::nlmsghdr) -> Option<(String, Self)>;
+    fn parse(msg: &[u8]) -> Option<(String, Self)>;
 }
 
 impl Dumpable for ChainInfo {
     const GET: u32 = libc::NFT_MSG_GETCHAIN as u32;
-    fn parse(nlh: &mlibc::nlmsghdr) -> Option<(String, Self)> {
+    fn parse(msg: &[u8]) -> Option<(String, Self)> {
         unsafe {
             let c = alloc(sys::nftnl_chain_alloc()).as_ptr();
-            let ok = sys::nftnl_chain_nlmsg_parse((nlh as *const mlibc::nlmsghdr).cast(), c) >= 0;
+            let ok = sys::nftnl_chain_nlmsg_parse(msg.as_ptr().cast(), c) >= 0;
             let out = ok.then(|| {
                 let table = cstr_attr(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TABLE as u16));
                 let hook = sys::nftnl_chain_is_set(c, sys::NFTNL_CHAIN_HOOKNUM as u16).then(|| {
@@ -475,10 +478,10 @@ impl Dumpable for ChainInfo {
 
 impl Dumpable for SetInfo {
     const GET: u32 = libc::NFT_MSG_GETSET as u32;
-    fn parse(nlh: &mlibc::nlmsghdr) -> Option<(String, Self)> {
+    fn parse(msg: &[u8]) -> Option<(String, Self)> {
         unsafe {
             let s = alloc(sys::nftnl_set_alloc()).as_ptr();
-            let ok = sys::nftnl_set_nlmsg_parse((nlh as *const mlibc::nlmsghdr).cast(), s) >= 0;
+            let ok = sys::nftnl_set_nlmsg_parse(msg.as_ptr().cast(), s) >= 0;
             let out = ok.then(|| {
                 let get = |a: u32| sys::nftnl_set_get_u32(s, a as u16);
                 (
@@ -499,10 +502,10 @@ impl Dumpable for SetInfo {
 
 impl Dumpable for RuleInfo {
     const GET: u32 = libc::NFT_MSG_GETRULE as u32;
-    fn parse(nlh: &mlibc::nlmsghdr) -> Option<(String, Self)> {
+    fn parse(msg: &[u8]) -> Option<(String, Self)> {
         unsafe {
             let r = alloc(sys::nftnl_rule_alloc()).as_ptr();
-            let ok = sys::nftnl_rule_nlmsg_parse((nlh as *const mlibc::nlmsghdr).cast(), r) >= 0;
+            let ok = sys::nftnl_rule_nlmsg_parse(msg.as_ptr().cast(), r) >= 0;
             let out = ok.then(|| {
                 (
                     cstr_attr(sys::nftnl_rule_get_str(r, sys::NFTNL_RULE_TABLE as u16)),
@@ -520,10 +523,10 @@ impl Dumpable for RuleInfo {
 }
 
 /// Elements parsed from GETSETELEM replies.
-fn parse_elems(nlh: &mlibc::nlmsghdr, out: &mut Vec<Elem>) -> bool {
+fn parse_elems(msg: &[u8], out: &mut Vec<Elem>) -> bool {
     unsafe {
         let s = alloc(sys::nftnl_set_alloc()).as_ptr();
-        let ok = sys::nftnl_set_elems_nlmsg_parse((nlh as *const mlibc::nlmsghdr).cast(), s) >= 0;
+        let ok = sys::nftnl_set_elems_nlmsg_parse(msg.as_ptr().cast(), s) >= 0;
         if ok {
             let it = alloc(sys::nftnl_set_elems_iter_create(s));
             loop {
@@ -556,15 +559,33 @@ fn parse_elems(nlh: &mlibc::nlmsghdr, out: &mut Vec<Elem>) -> bool {
 }
 
 /// A netfilter netlink socket of the network namespace it was opened in.
-pub struct Socket {
+pub(crate) struct Socket {
     sock: mnl::Socket,
     buf: MsgBuf,
     seq: u32,
 }
 
+/// A kernel that never answers must not hang the runtime: after `secs`, recv fails (EAGAIN).
+pub(crate) fn set_recv_timeout(sock: &mnl::Socket, secs: i64) {
+    let tv = libc::timeval {
+        tv_sec: secs,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid socket fd and a timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}
+
 /// An error reply to one message of a batch.
 #[derive(Debug)]
-pub struct BatchError {
+pub(crate) struct BatchError {
     pub seq: u32,
     pub err: io::Error,
 }
@@ -584,20 +605,7 @@ impl Socket {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        let tv = libc::timeval {
-            tv_sec: 10,
-            tv_usec: 0,
-        };
-        // A kernel that never answers must not hang the runtime: recv fails with EAGAIN.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
+        set_recv_timeout(&sock, 10);
         Ok(Socket {
             sock,
             buf: MsgBuf::new(),
@@ -618,6 +626,9 @@ impl Socket {
         let pages: Vec<std::io::IoSlice> = batch.iter().map(std::io::IoSlice::new).collect();
         let len: usize = pages.iter().map(|p| p.len()).sum();
         self.grow_sndbuf(len);
+        // Every message is acked during the send; the acks must all fit in the receive buffer
+        // or the kernel drops them (ENOBUFS), and a committed batch would look failed.
+        self.grow_rcvbuf(awaited.len() * 1024);
         let sent = nix::sys::socket::sendmsg::<()>(
             self.sock.as_raw_fd(),
             &pages,
@@ -693,6 +704,24 @@ impl Socket {
         }
     }
 
+    /// Raises the socket's receive buffer to `len` bytes if it is smaller (SO_RCVBUFFORCE).
+    fn grow_rcvbuf(&self, len: usize) {
+        let want = libc::c_int::try_from(len).unwrap_or(libc::c_int::MAX);
+        if want <= 212_992 {
+            return; // the default rmem_default holds that
+        }
+        let sz = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&want as *const libc::c_int).cast(),
+                sz,
+            );
+        }
+    }
+
     fn readable_now(&self) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
             fd: self.sock.as_raw_fd(),
@@ -717,7 +746,7 @@ impl Socket {
         build: impl FnOnce(*mut mlibc::nlmsghdr),
         msg_type: u32,
         family: u16,
-        mut each: impl FnMut(&mlibc::nlmsghdr) -> Option<T>,
+        mut each: impl FnMut(&[u8]) -> Option<T>,
     ) -> io::Result<Vec<T>> {
         let seq = self.next_seq();
         let mut req = MsgBuf::new();
@@ -755,8 +784,8 @@ impl Socket {
                     }
                     _ => {
                         // SAFETY: `msg` is a complete, aligned netlink message in our buffer.
-                        let nlh = unsafe { &*msg.as_ptr().cast::<mlibc::nlmsghdr>() };
-                        if let Some(t) = each(nlh) {
+                        // The whole message, so libnftnl parses within its bounds.
+                        if let Some(t) = each(msg) {
                             out.push(t);
                         }
                     }
@@ -773,7 +802,7 @@ impl Socket {
             |_| {},
             T::GET,
             family,
-            |nlh| T::parse(nlh).and_then(|(t, obj)| (t == table).then_some(obj)),
+            |msg| T::parse(msg).and_then(|(t, obj)| (t == table).then_some(obj)),
         )
     }
 
@@ -843,7 +872,7 @@ impl Socket {
             |h| unsafe { sys::nftnl_set_elems_nlmsg_build_payload(h.cast(), s.as_ptr()) },
             libc::NFT_MSG_GETSETELEM as u32,
             family,
-            |nlh| parse_elems(nlh, &mut elems).then_some(()),
+            |msg| parse_elems(msg, &mut elems).then_some(()),
         );
         unsafe { sys::nftnl_set_free(s.as_ptr()) };
         res.map(|_| elems)

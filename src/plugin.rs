@@ -90,7 +90,11 @@ fn invoke(
             rec.decision = "nothing to collect: all state lives in pod namespaces".into();
             Ok(None)
         }
-        Command::Status => status(rec).map(|()| None),
+        // A config every ADD would refuse makes the plugin unavailable too.
+        Command::Status => {
+            cfg?;
+            status(rec).map(|()| None)
+        }
         Command::Version => Ok(Some(protocol::version_info())),
     }
 }

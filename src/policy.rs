@@ -312,9 +312,12 @@ enum CidrList {
 /// /32 or /128; host bits are cleared (`10.1.2.3/8` is `10.0.0.0/8`, as iptables would apply it).
 fn cidrs(name: &str, v: &str) -> Result<CidrList, CniError> {
     let mut out = Cidrs::default();
+    let mut star = false;
     for item in items(v) {
+        // Every item is still checked: `*` must not hide a malformed one.
         if item == "*" {
-            return Ok(CidrList::Star);
+            star = true;
+            continue;
         }
         let net = item
             .parse::<IpNet>()
@@ -338,7 +341,11 @@ fn cidrs(name: &str, v: &str) -> Result<CidrList, CniError> {
     out.v4.dedup();
     out.v6.sort();
     out.v6.dedup();
-    Ok(CidrList::Cidrs(out))
+    Ok(if star {
+        CidrList::Star
+    } else {
+        CidrList::Cidrs(out)
+    })
 }
 
 #[cfg(test)]
@@ -708,6 +715,8 @@ mod tests {
     fn huge_values_are_truncated_in_messages() {
         let v = "x".repeat(10_000);
         let e = err(&[(istio::EXCLUDE_OUTBOUND_IP_RANGES, &v)]);
+        let star_hides_nothing = err(&[(istio::INCLUDE_OUTBOUND_IP_RANGES, "*,10.0.0.0/33")]);
+        assert_eq!(star_hides_nothing.code, code::BAD_ANNOTATION);
         assert!(e.msg.len() < 600, "{}", e.msg.len());
     }
 }

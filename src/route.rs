@@ -165,8 +165,10 @@ impl Rtnl {
     /// Opens the socket; call inside the target namespace (it also resolves `lo` there).
     pub fn open() -> io::Result<Rtnl> {
         let lo = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)?;
+        let sock = mnl::Socket::new(mnl::Bus::Route)?;
+        crate::nftnl_ext::set_recv_timeout(&sock, 10);
         Ok(Rtnl {
-            sock: mnl::Socket::new(mnl::Bus::Route)?,
+            sock,
             buf: MsgBuf::new(),
             seq: 1,
             lo,

@@ -321,7 +321,7 @@ fn inbound_selection(
     b: &mut Builder,
     plan: &Plan,
     ifaces: Option<&'static str>,
-) -> (Vec<Rule>, Vec<Match>) {
+) -> Option<(Vec<Rule>, Vec<Match>)> {
     let mut rules = Vec::new();
     if let Some(set) = ifaces {
         rules.push(rule(
@@ -346,21 +346,21 @@ fn inbound_selection(
             }
             vec![tcp()]
         }
-        Inbound::Only(ports) => match b.ports(SET_IN_PORTS, ports.iter().copied()) {
-            Some(set) => vec![tcp(), Match::DportIn(set)],
-            None => vec![tcp()],
-        },
-        Inbound::Off => vec![tcp()],
+        // No set (an empty list) selects nothing: no inbound capture, never "every port".
+        Inbound::Only(ports) => vec![
+            tcp(),
+            Match::DportIn(b.ports(SET_IN_PORTS, ports.iter().copied())?),
+        ],
+        Inbound::Off => return None,
     };
-    (rules, selected)
+    Some((rules, selected))
 }
 
 /// REDIRECT mode inbound (SPEC §4 "Inbound"): nat prerouting, TCP only.
 fn redirect_inbound(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> Vec<Chain> {
-    if plan.inbound == Inbound::Off {
+    let Some((mut rules, selected)) = inbound_selection(b, plan, ifaces) else {
         return Vec::new();
-    }
-    let (mut rules, selected) = inbound_selection(b, plan, ifaces);
+    };
     let comment = if matches!(plan.inbound, Inbound::Only(_)) {
         "included inbound port"
     } else {
@@ -385,8 +385,7 @@ fn redirect_inbound(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) 
 fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> Vec<Chain> {
     let mark = TPROXY_MARK;
     let mut chains = Vec::new();
-    if plan.inbound != Inbound::Off {
-        let (selection, selected) = inbound_selection(b, plan, ifaces);
+    if let Some((selection, selected)) = inbound_selection(b, plan, ifaces) {
         let lo_in = || Match::Iifname("lo".into());
         let mut rules = vec![
             rule(
@@ -439,15 +438,8 @@ fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> 
                 "inbound to the proxy",
             ));
         }
-        let mut pre = Vec::new();
-        if let Some(set) = ifaces {
-            pre.push(rule(
-                vec![Match::IifnameIn(set)],
-                Action::Return,
-                "arrived on an excluded interface",
-            ));
-        }
-        pre.push(rule(vec![tcp()], Action::Jump("inbound"), "inbound TCP"));
+        // Excluded interfaces return first thing in `inbound` (inbound_selection).
+        let mut pre = vec![rule(vec![tcp()], Action::Jump("inbound"), "inbound TCP")];
         pre.push(rule(
             vec![tcp(), Match::Mark(Cmp::Eq, mark)],
             Action::SaveMark,

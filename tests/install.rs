@@ -411,7 +411,11 @@ fn waits_for_a_primary_and_reinstalls_a_removed_binary() {
 fn uninstall_after_a_crash_restores_the_original_bytes() {
     let node = Node::new();
     let original = node.write("10-bridge.conflist", BRIDGE_LIST, 0o644);
-    let conf_original = node.write("30-single.conf", r#"{"name":"x","type":"bridge"}"#, 0o644);
+    let conf_original = node.write(
+        "30-single.conf",
+        r#"{"cniVersion":"1.0.0","name":"x","type":"bridge"}"#,
+        0o644,
+    );
     let mut inst = node.start(&["--conf-name", "30-single.conf"]);
     inst.wait_ready();
     let _ = inst.child.kill();
@@ -494,4 +498,18 @@ fn the_installed_chain_captures_a_pod() {
         Some("10.88.0.1:8080"),
     );
     drop(inst);
+}
+
+#[test]
+fn a_chain_mesh_redirect_cannot_speak_is_not_touched() {
+    // cniVersion 0.2.0: every ADD on the node would fail if mesh-redirect were chained in.
+    let node = Node::new();
+    let old = BRIDGE_LIST.replace("\"1.0.0\"", "\"0.2.0\"");
+    let before = node.write("10-bridge.conflist", &old, 0o644);
+    let inst = node.start(&[]);
+    wait_for(10, "the installer to report it", || {
+        inst.log().contains("not chaining")
+    });
+    assert_eq!(node.read("10-bridge.conflist").unwrap(), before);
+    assert_eq!(inst.get("/readyz").unwrap().0, 503);
 }

@@ -21,24 +21,27 @@ pub const BACKUP_SUFFIX: &str = ".mesh-redirect-orig";
 /// temporary file must live in the directory: rename is atomic only within a filesystem, and
 /// containerd 1.6's conf-dir watcher reloads on its WRITE events but ignores CREATE ones.)
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let create = || {
-        OpenOptions::new()
+    // A name no other writer uses (installers are PID 1 in their containers, so a pid alone
+    // would collide); create_new never opens, let alone removes, someone else's file.
+    let (tmp, mut f) = loop {
+        let tmp = dir.join(format!(
+            ".{name}.tmp-{}-{:x}",
+            std::process::id(),
+            unique_suffix()
+        ));
+        match OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
     };
     let res = (|| {
-        let mut f = match create() {
-            // A leftover of a crashed run (or anything else squatting on our name): ours to drop.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                fs::remove_file(&tmp)?;
-                create()?
-            }
-            other => other?,
-        };
         f.write_all(bytes)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
@@ -54,11 +57,24 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Resu
     res
 }
 
+/// Time-based and per-process unique: enough to keep temporary names apart.
+fn unique_suffix() -> u128 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u128;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    t ^ (n << 100)
+}
+
 /// Reads a regular file without following a symlink at its last component.
 pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+    // O_NONBLOCK: opening a FIFO someone named *.conf must not hang the installer; reads of
+    // a regular file ignore the flag.
     let mut f = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)?;
     if !f.metadata()?.is_file() {
         return Err(io::Error::other(format!(
@@ -163,11 +179,14 @@ pub fn binary_is_current(bin_dir: &Path) -> bool {
     }
 }
 
-/// (inode, mtime, size) of a file, to notice it changed without reading it.
-pub fn stamp(path: &Path) -> Option<(u64, i64, u64)> {
+/// (inode, mtime seconds, mtime nanoseconds, size) of a file.
+pub type Stamp = (u64, i64, i64, u64);
+
+/// A file's [`Stamp`], to notice it changed without reading it.
+pub fn stamp(path: &Path) -> Option<Stamp> {
     fs::symlink_metadata(path)
         .ok()
-        .map(|m| (m.ino(), m.mtime_nsec() + m.mtime() * 1_000_000_000, m.len()))
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
 }
 
 /// Removes the binary and its libraries.

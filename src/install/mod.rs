@@ -16,7 +16,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -167,7 +167,7 @@ fn config_files(dir: &Path) -> io::Result<Vec<String>> {
 fn find_primary(
     opts: &Options,
     reported: &mut Vec<(String, String)>,
-) -> io::Result<Option<(String, Conf)>> {
+) -> io::Result<Option<Primary>> {
     let names = match &opts.conf_name {
         // A single-plugin file we turned into a list lives on under the list's name.
         Some(n) => vec![n.clone(), format!("{}.conflist", stem(n))],
@@ -175,11 +175,23 @@ fn find_primary(
     };
     for name in names {
         let path = opts.conf_dir.join(&name);
+        // Runtimes follow symlinks when they read; a FIFO or device would block or mislead.
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let stamp = files::stamp(&path);
         let Ok(bytes) = std::fs::read(&path) else {
             continue;
         };
         match conflist::parse(&bytes, ext_of(&name) == Some("conflist")) {
-            Ok(c) => return Ok(Some((name, c))),
+            Ok(conf) => {
+                return Ok(Some(Primary {
+                    name,
+                    conf,
+                    bytes,
+                    stamp,
+                }));
+            }
             Err(why) => {
                 let key = (name.clone(), why.clone());
                 if !reported.contains(&key) {
@@ -196,6 +208,15 @@ fn find_primary(
     Ok(None)
 }
 
+/// The primary config as read once: everything chain() decides and writes comes from these
+/// bytes, and `stamp` tells whether the file changed before we replace it.
+struct Primary {
+    name: String,
+    conf: Conf,
+    bytes: Vec<u8>,
+    stamp: Option<files::Stamp>,
+}
+
 /// The installer's state between events.
 struct Installer {
     opts: Options,
@@ -204,7 +225,7 @@ struct Installer {
     chained: Option<String>,
     binary_current: bool,
     /// (inode, mtime, size) of the binary when last found current: re-read only when it changes.
-    binary_stamp: Option<(u64, i64, u64)>,
+    binary_stamp: Option<files::Stamp>,
     last_error: Option<String>,
     rewrites: VecDeque<Instant>,
     reported: Vec<(String, String)>,
@@ -315,7 +336,12 @@ impl Installer {
 
     fn chain(&mut self) -> Result<(), String> {
         let dir = self.opts.conf_dir.clone();
-        let Some((name, conf)) = find_primary(&self.opts, &mut self.reported)
+        let Some(Primary {
+            name,
+            conf,
+            bytes,
+            stamp,
+        }) = find_primary(&self.opts, &mut self.reported)
             .map_err(|e| format!("{}: {e}", dir.display()))?
         else {
             if !self.waiting_logged {
@@ -337,6 +363,9 @@ impl Installer {
             ));
         }
         let list = conflist::as_list(&conf);
+        // A chain mesh-redirect cannot speak would fail every pod's ADD on the node.
+        crate::protocol::negotiate_version(&list, crate::protocol::Command::Add)
+            .map_err(|e| format!("primary config {name}: {}; not chaining into it", e.msg))?;
         let target = match conf {
             Conf::List(_) => name.clone(),
             Conf::Single(_) => format!("{}.conflist", stem(&name)),
@@ -345,7 +374,11 @@ impl Installer {
             self.chained = Some(target);
             return self.unchain_others(&name);
         }
-        let bytes = files::read_regular(&path).map_err(|e| format!("{name}: {e}"))?;
+        if target != name && dir.join(&target).exists() && !self.is_ours_converted(&target, &name) {
+            return Err(format!(
+                "cannot turn {name} into a list: {target} exists and is not ours"
+            ));
+        }
         let mode = files::mode_of(&path);
         let backup = format!("{name}{}", files::BACKUP_SUFFIX);
         // Keep the file as the primary plugin wrote it, to give it back byte for byte.
@@ -353,10 +386,10 @@ impl Installer {
             files::write_atomic(&dir, &backup, &bytes, mode)
                 .map_err(|e| format!("{backup}: {e}"))?;
         }
-        if target != name && dir.join(&target).exists() && !self.is_ours_converted(&target, &name) {
-            return Err(format!(
-                "cannot turn {name} into a list: {target} exists and is not ours"
-            ));
+        // Rewritten since we read it: replacing it now would lose that version. Its own
+        // inotify event brings us back to chain the new one.
+        if files::stamp(&path) != stamp {
+            return Ok(());
         }
         files::write_atomic(
             &dir,
@@ -392,7 +425,7 @@ impl Installer {
             .conf_dir
             .join(format!("{single_name}{}", files::BACKUP_SUFFIX));
         backup.exists()
-            && std::fs::read(self.opts.conf_dir.join(target))
+            && files::read_regular(&self.opts.conf_dir.join(target))
                 .ok()
                 .and_then(|b| conflist::parse(&b, true).ok())
                 .is_some_and(|c| conflist::has_ours(&conflist::as_list(&c)))
@@ -438,7 +471,10 @@ pub fn unchain_dir(dir: &Path, keep: Option<&str>) -> Result<(), String> {
         .filter(|n| n.ends_with(files::BACKUP_SUFFIX))
         .collect();
     for backup in backups {
-        let orig = backup.trim_end_matches(files::BACKUP_SUFFIX).to_string();
+        let orig = backup
+            .strip_suffix(files::BACKUP_SUFFIX)
+            .unwrap_or(&backup)
+            .to_string();
         let converted = format!("{}.conflist", stem(&orig));
         let current = if dir.join(&orig).exists() {
             orig.clone()
@@ -448,9 +484,9 @@ pub fn unchain_dir(dir: &Path, keep: Option<&str>) -> Result<(), String> {
         if Some(current.as_str()) == keep {
             continue;
         }
-        let saved = std::fs::read(dir.join(&backup)).map_err(|e| err(&backup, e))?;
-        if let Ok(now) = std::fs::read(dir.join(&current))
-            && let Ok(now) = conflist::parse(&now, true)
+        let saved = files::read_regular(&dir.join(&backup)).map_err(|e| err(&backup, e))?;
+        if let Ok(now) = files::read_regular(&dir.join(&current))
+            && let Ok(now) = conflist::parse(&now, ext_of(&current) == Some("conflist"))
         {
             let now = conflist::as_list(&now);
             let saved_list = conflist::parse(&saved, ext_of(&orig) == Some("conflist"))
@@ -587,17 +623,15 @@ fn install_loop(opts: Options) -> Result<(), String> {
         }
     };
     let mut inst = Installer::new(opts.clone())?;
-    if let Some(req) = std::fs::read("/proc/self/exe")
+    let needs = std::fs::read("/proc/self/exe")
         .ok()
-        .and_then(|b| files::glibc_requirement(&b))
-    {
-        log(
-            "info",
-            "starting",
-            json!({"binDir": opts.bin_dir, "confDir": opts.conf_dir,
-            "nodeNeeds": format!("glibc >= {}.{} (libnftnl and libmnl ship in {})", req.0, req.1, files::LIBS_DIR)}),
-        );
-    }
+        .and_then(|b| files::glibc_requirement(&b));
+    log(
+        "info",
+        "starting",
+        json!({"binDir": opts.bin_dir, "confDir": opts.conf_dir,
+            "nodeNeeds": needs.map(|(a, b)| format!("glibc >= {a}.{b} (libnftnl and libmnl ship in {})", files::LIBS_DIR))}),
+    );
     inst.install_binary();
     inst.reconcile();
     loop {
@@ -670,11 +704,6 @@ pub fn cleanup(opts: &Options) -> Result<(), String> {
         json!({"keptBinary": opts.keep_binary}),
     );
     Ok(())
-}
-
-/// Used by tests and `plan`-like tooling: the entry `install` would chain.
-pub fn entry_for(plugin_config: Option<&Map<String, Value>>) -> Value {
-    conflist::entry(plugin_config)
 }
 
 #[cfg(test)]
