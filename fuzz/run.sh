@@ -9,10 +9,14 @@
 #   SANITIZER           none (default: works on a stable toolchain) or address (ASan; needs
 #                       -Zsanitizer, so RUSTC_BOOTSTRAP=1 is set for it). The targets fuzz safe
 #                       Rust only, so none loses nothing and runs about twice as fast.
-#   FUZZ_CORPUS_CAP     minimize a corpus (libFuzzer -merge=1 into a fresh directory, keeping the
-#                       hand-made seeds) once it holds more files than this (default 2000)
+#   FUZZ_CORPUS_KEEP    1: grow fuzz/corpus/<target>/ with what the run finds, then minimize it
+#                       (libFuzzer -merge=1 into a fresh directory, keeping the hand-made seeds)
+#                       once it holds more than FUZZ_CORPUS_CAP files (default 2000). The
+#                       maintainer's command after a long run (fuzz/README.md); the default, 0,
+#                       runs on a scratch copy and leaves the checkout untouched (as scripts/test.sh
+#                       needs: tests leave `git status` clean).
 #
-# Grows fuzz/corpus/<target>/ in place. Exits non-zero as soon as a target crashes (panic,
+# Exits non-zero as soon as a target crashes (panic,
 # timeout, OOM); the input is saved under fuzz/artifacts/<target>/ and the end of libFuzzer's
 # log (with the panic message) is printed. Nothing here needs root or touches the network stack.
 set -euo pipefail
@@ -42,6 +46,7 @@ done
 target_dir=${CARGO_TARGET_DIR:-fuzz/target}
 sanitizer=${SANITIZER:-none}
 cap=${FUZZ_CORPUS_CAP:-2000}
+keep=${FUZZ_CORPUS_KEEP:-0}
 if [ "$sanitizer" != none ]; then export RUSTC_BOOTSTRAP=1; fi
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
@@ -55,9 +60,19 @@ cargo fuzz build "${flags[@]}"
 
 log_dir="$target_dir/fuzz-logs"
 mkdir -p "$log_dir"
+scratch=""
+if [ "$keep" != 1 ]; then
+    scratch=$(mktemp -d)
+    trap 'rm -rf "$scratch"' EXIT
+fi
 for t in "${targets[@]}"; do
     corpus="fuzz/corpus/$t"
     mkdir -p "$corpus" "fuzz/artifacts/$t"
+    if [ -n "$scratch" ]; then
+        # libFuzzer adds what it finds to the first corpus directory: a scratch copy.
+        cp -r "$corpus" "$scratch/$t"
+        corpus="$scratch/$t"
+    fi
     args=(-max_total_time="$secs" -timeout=10 -print_final_stats=1)
     if [ -f "fuzz/dicts/$t.dict" ]; then args+=(-dict="fuzz/dicts/$t.dict"); fi
     log="$log_dir/$t.log"
@@ -76,7 +91,7 @@ for t in "${targets[@]}"; do
         tr '\n' ' '
     echo
     n=$(find "$corpus" -type f | wc -l)
-    if [ "$n" -gt "$cap" ]; then
+    if [ "$keep" = 1 ] && [ "$n" -gt "$cap" ]; then
         # libFuzzer -merge=1 into a fresh directory that starts with the hand-made seeds (every
         # file not named by its SHA-1), so they survive under their names.
         echo "== $corpus holds $n files (> $cap): merging (-merge=1) into a fresh directory"

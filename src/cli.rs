@@ -1,5 +1,6 @@
 //! The command-line face: `plan`, `version`, `install`, `uninstall`.
 
+use crate::args::{self, CliError, Spec};
 use crate::config::{self, Annotations, PluginConfig};
 use crate::policy::{self, Decision, Pod};
 use crate::{nft_text, ruleset};
@@ -73,43 +74,6 @@ fn report(result: Result<(), CliError>) -> ExitCode {
     }
 }
 
-#[derive(Debug)]
-pub enum CliError {
-    Usage(String),
-    Failed(String),
-}
-
-/// Parses `--flag value` pairs; every flag must be in `known`.
-pub fn flags(args: &[String], known: &[&str]) -> Result<Vec<(String, String)>, CliError> {
-    let mut out = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, value) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (a.clone(), None),
-        };
-        if !known.contains(&name.as_str()) {
-            return Err(CliError::Usage(format!("unknown option {name:?}")));
-        }
-        let value = match value {
-            Some(v) => v,
-            None => it
-                .next()
-                .cloned()
-                .ok_or_else(|| CliError::Usage(format!("{name} needs a value")))?,
-        };
-        out.push((name, value));
-    }
-    Ok(out)
-}
-
-fn flag<'a>(f: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    f.iter()
-        .rev()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
-}
-
 fn read_json(path: &str) -> Result<Value, CliError> {
     let text =
         std::fs::read(path).map_err(|e| CliError::Failed(format!("cannot read {path}: {e}")))?;
@@ -157,20 +121,39 @@ fn annotations(v: Value) -> Result<Annotations, CliError> {
 }
 
 fn plan(args: &[String]) -> Result<(), CliError> {
-    let f = flags(args, &["--config", "--annotations", "--namespace"])?;
+    const SPECS: &[Spec] = &[
+        Spec {
+            flag: "--config",
+            env: "",
+            switch: false,
+        },
+        Spec {
+            flag: "--annotations",
+            env: "",
+            switch: false,
+        },
+        Spec {
+            flag: "--namespace",
+            env: "",
+            switch: false,
+        },
+    ];
+    let f = args::parse(args, SPECS, |_| None)?;
     let conf = plugin_entry(read_json(
-        flag(&f, "--config").ok_or_else(|| CliError::Usage("plan needs --config".into()))?,
+        &f.get("--config")
+            .ok_or_else(|| CliError::Usage("plan needs --config".into()))?,
     )?)?;
     let cfg = PluginConfig::from_conf(&conf).map_err(|e| CliError::Failed(e.msg))?;
-    let ann = match flag(&f, "--annotations") {
-        Some(p) => annotations(read_json(p)?)?,
+    let ann = match f.get("--annotations") {
+        Some(p) => annotations(read_json(&p)?)?,
         // Without a file, the annotations embedded in the config's runtimeConfig, if any.
         None => config::pod_annotations(&conf)
             .map_err(|e| CliError::Failed(e.msg))?
             .unwrap_or_default(),
     };
+    let namespace = f.get("--namespace");
     let pod = Pod {
-        namespace: flag(&f, "--namespace"),
+        namespace: namespace.as_deref(),
         name: None,
         annotations: Some(&ann),
     };

@@ -471,6 +471,21 @@ fn delete_batch() -> Built {
     }
 }
 
+/// `nft`'s names for table flags.
+fn table_flag_names(flags: u32) -> String {
+    let mut names = Vec::new();
+    for (bit, name) in [(1u32, "dormant"), (2, "owner"), (4, "persist")] {
+        if flags & bit != 0 {
+            names.push(name.to_string());
+        }
+    }
+    let rest = flags & !7;
+    if rest != 0 {
+        names.push(format!("{rest:#x}"));
+    }
+    names.join(",")
+}
+
 /// The netfilter socket of one network namespace, and its rtnetlink socket when the policy
 /// routing of TPROXY is involved.
 pub struct Kernel {
@@ -622,11 +637,18 @@ impl Kernel {
 
     /// Compares the kernel's table with `rs`. Returns what differs (empty: identical).
     pub fn diff(&mut self, rs: &Ruleset) -> Result<Vec<String>, KernelError> {
-        if !self.table_exists()? {
-            return Ok(vec![format!("table inet {TABLE} is missing")]);
-        }
         let fam = FAMILY as u16;
+        let Some(flags) = self.sock.table_flags(fam, TABLE)? else {
+            return Ok(vec![format!("table inet {TABLE} is missing")]);
+        };
         let mut diffs = Vec::new();
+        if flags != 0 {
+            // Dormant (`flags dormant`) turns every hook off: nothing is captured.
+            diffs.push(format!(
+                "table inet {TABLE} has flags {} (expected none)",
+                table_flag_names(flags)
+            ));
+        }
         self.diff_chains(rs, &mut diffs)?;
         // Sets.
         let have_sets = self.sock.sets(fam, TABLE)?;
@@ -636,16 +658,28 @@ impl Kernel {
                 diffs.push(format!("set {} is missing", s.name));
                 continue;
             };
-            let want_interval = if interval {
+            let want_flags = if interval {
                 libc::NFT_SET_INTERVAL as u32
             } else {
                 0
             };
-            if info.key_type != key.type_id()
-                || info.key_len != key.key_len()
-                || info.flags & libc::NFT_SET_INTERVAL as u32 != want_interval
-            {
-                diffs.push(format!("set {} has the wrong type or flags", s.name));
+            // Every flag changes what a lookup does (a map, timeouts, a constant set…).
+            if info.key_type != key.type_id() || info.key_len != key.key_len() {
+                diffs.push(format!(
+                    "set {} has key type {}/{} bytes (expected {}/{})",
+                    s.name,
+                    info.key_type,
+                    info.key_len,
+                    key.type_id(),
+                    key.key_len()
+                ));
+                continue;
+            }
+            if info.flags != want_flags {
+                diffs.push(format!(
+                    "set {} has flags {:#x} (expected {want_flags:#x})",
+                    s.name, info.flags
+                ));
                 continue;
             }
             let have: BTreeSet<Elem> = self
@@ -701,9 +735,29 @@ impl Kernel {
                 (num, hk.priority, kind.to_string())
             });
             if h.hook != want {
+                let show = |hk: &Option<(u32, i32, String)>| match hk {
+                    None => "no hook".to_string(),
+                    Some((n, p, t)) => format!("type {t} hook {n} priority {p}"),
+                };
                 diffs.push(format!(
-                    "chain {} has the wrong hook, type or priority",
-                    c.name
+                    "chain {} has {} (expected {})",
+                    c.name,
+                    show(&h.hook),
+                    show(&want)
+                ));
+            }
+            // Base chains are created with policy accept: anything else drops what no rule
+            // decided (or, on a regular chain, cannot be set at all).
+            let want_policy = c.hook.map(|_| libc::NF_ACCEPT as u32);
+            if c.hook.is_some() && h.policy != want_policy {
+                diffs.push(format!(
+                    "chain {} has policy {} (expected accept)",
+                    c.name,
+                    match h.policy {
+                        Some(p) if p == libc::NF_DROP as u32 => "drop".to_string(),
+                        Some(p) => p.to_string(),
+                        None => "none".to_string(),
+                    }
                 ));
             }
         }

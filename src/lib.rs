@@ -4,6 +4,7 @@
 //! Data flows one way: stdin/env ([`protocol`], [`config`]) → [`policy`] → [`ruleset`] →
 //! [`kernel`] (through [`netns`]). [`plugin`] runs the CNI verbs, [`cli`] the commands.
 
+pub mod args;
 pub mod cli;
 pub mod config;
 pub mod install;

@@ -419,6 +419,8 @@ pub(crate) struct ChainInfo {
     pub name: String,
     /// (hook number, priority, type name) for base chains.
     pub hook: Option<(u32, i32, String)>,
+    /// The verdict for packets no rule decided (`NF_ACCEPT`, `NF_DROP`): base chains only.
+    pub policy: Option<u32>,
 }
 
 /// A set as the kernel reports it.
@@ -467,8 +469,10 @@ impl Dumpable for ChainInfo {
                         cstr_attr(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TYPE as u16)),
                     )
                 });
+                let policy = sys::nftnl_chain_is_set(c, sys::NFTNL_CHAIN_POLICY as u16)
+                    .then(|| sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_POLICY as u16));
                 let name = cstr_attr(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_NAME as u16));
-                (table, ChainInfo { name, hook })
+                (table, ChainInfo { name, hook, policy })
             });
             sys::nftnl_chain_free(c);
             out
@@ -820,6 +824,11 @@ impl Socket {
 
     /// Whether `table` exists (GETTABLE for it; ENOENT = no).
     pub fn table_exists(&mut self, family: u16, table: &str) -> io::Result<bool> {
+        Ok(self.table_flags(family, table)?.is_some())
+    }
+
+    /// The flags of `table` (`NFT_TABLE_F_DORMANT`, …) if it exists.
+    pub fn table_flags(&mut self, family: u16, table: &str) -> io::Result<Option<u32>> {
         let name = CString::new(table).map_err(io::Error::other)?;
         let t = alloc(unsafe { sys::nftnl_table_alloc() });
         unsafe {
@@ -840,7 +849,7 @@ impl Socket {
             (*h).nlmsg_len as usize
         };
         self.sock.send(&req.bytes()[..len])?;
-        let mut found = false;
+        let mut found = None;
         loop {
             let n = self.sock.recv_raw(self.buf.bytes())?;
             for msg in mnl::NlMessages::new(&self.buf.bytes()[..n]) {
@@ -850,9 +859,9 @@ impl Socket {
                 }
                 match parse_ack(msg) {
                     Some((_, 0)) => return Ok(found),
-                    Some((_, e)) if e == libc::ENOENT => return Ok(false),
+                    Some((_, e)) if e == libc::ENOENT => return Ok(None),
                     Some((_, e)) => return Err(io::Error::from_raw_os_error(e)),
-                    None => found = true,
+                    None => found = Some(parse_table_flags(msg)),
                 }
             }
         }
@@ -876,6 +885,24 @@ impl Socket {
         );
         unsafe { sys::nftnl_set_free(s.as_ptr()) };
         res.map(|_| elems)
+    }
+}
+
+/// A NEWTABLE reply's flags (0 when it carries none, or does not parse).
+fn parse_table_flags(msg: &[u8]) -> u32 {
+    // SAFETY: `msg` is one whole netlink message (NlMessages checked its length); the table
+    // object is freed before returning.
+    unsafe {
+        let t = alloc(sys::nftnl_table_alloc()).as_ptr();
+        let flags = if sys::nftnl_table_nlmsg_parse(msg.as_ptr().cast(), t) >= 0
+            && sys::nftnl_table_is_set(t, sys::NFTNL_TABLE_FLAGS as u16)
+        {
+            sys::nftnl_table_get_u32(t, sys::NFTNL_TABLE_FLAGS as u16)
+        } else {
+            0
+        };
+        sys::nftnl_table_free(t);
+        flags
     }
 }
 

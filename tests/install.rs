@@ -69,7 +69,7 @@ impl Node {
         let mut v: Vec<String> = std::fs::read_dir(self.conf())
             .unwrap()
             .flatten()
-            .map(|e| e.file_name().into_string().unwrap())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         v.sort();
         v
@@ -284,32 +284,253 @@ fn conf_primary_becomes_a_conflist_and_comes_back() {
     );
 }
 
+/// containerd loads only the first file in libcni's order and refuses the whole dir while it
+/// is invalid: then the installer waits for it (not ready, saying why) and touches no other
+/// file, instead of chaining a later one nobody reads.
 #[test]
-fn lexically_first_valid_file_wins_and_a_malformed_one_is_left_untouched() {
+fn an_invalid_first_file_is_waited_for_and_no_other_file_is_touched() {
     let node = Node::new();
-    let bad = node.write("05-broken.conflist", "{ this is not json", 0o644);
+    let half = &BRIDGE_LIST[..BRIDGE_LIST.len() / 2];
+    node.write("05-calico.conflist", half, 0o644);
     let no_name = node.write("07-noname.conf", r#"{"type": "bridge"}"#, 0o644);
-    node.write("10-bridge.conflist", BRIDGE_LIST, 0o644);
-    let later = node.write(
-        "99-loopback.conf",
-        r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
-        0o644,
-    );
+    let bridge = node.write("10-bridge.conflist", BRIDGE_LIST, 0o644);
     let inst = node.start(&[]);
+    wait_for(10, "installer up", || inst.get("/readyz").is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, body) = inst.get("/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("05-calico.conflist") && body.contains("not valid"),
+        "{body}"
+    );
+    assert_eq!(node.read("05-calico.conflist").unwrap(), half.as_bytes());
+    assert_eq!(node.read("07-noname.conf").unwrap(), no_name);
+    assert_eq!(node.read("10-bridge.conflist").unwrap(), bridge);
+    assert!(inst.log().contains("05-calico.conflist"), "{}", inst.log());
+    // The primary plugin finishes writing its file: that one is chained, no other.
+    let calico = BRIDGE_LIST.replace("k8s-pod-network", "calico");
+    node.write("05-calico.conflist", &calico, 0o644);
     inst.wait_ready();
     assert_eq!(
-        plugins(&node.json("10-bridge.conflist")).last().unwrap(),
+        plugins(&node.json("05-calico.conflist")).last().unwrap(),
         "mesh-redirect"
     );
-    assert_eq!(node.read("05-broken.conflist").unwrap(), bad);
     assert_eq!(node.read("07-noname.conf").unwrap(), no_name);
-    assert_eq!(node.read("99-loopback.conf").unwrap(), later);
-    let log = inst.log();
-    assert!(
-        log.contains("05-broken.conflist") && log.contains("invalid network config"),
-        "{log}"
+    assert_eq!(node.read("10-bridge.conflist").unwrap(), bridge);
+}
+
+/// The primary is the file the runtime uses: libcni keeps names that are not UTF-8, takes the
+/// extension as Go's `filepath.Ext` does (so `.conflist` alone is a config), and sorts bytes.
+#[test]
+fn the_primary_is_the_file_libcni_picks() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    for first in [&b"00-\xff.conflist"[..], b".conflist", b"0\x80.json"] {
+        let node = Node::new();
+        let first = OsStr::from_bytes(first);
+        let text = BRIDGE_LIST.replace("k8s-pod-network", "first");
+        std::fs::write(node.conf().join(first), &text).unwrap();
+        let bridge = node.write("10-bridge.conflist", BRIDGE_LIST, 0o644);
+        let inst = node.start(&[]);
+        inst.wait_ready();
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(node.conf().join(first)).unwrap()).unwrap();
+        assert_eq!(v["name"], "first", "{first:?}");
+        assert_eq!(plugins(&v).last().unwrap(), "mesh-redirect", "{first:?}");
+        assert_eq!(
+            node.read("10-bridge.conflist").unwrap(),
+            bridge,
+            "{first:?}"
+        );
+        assert!(inst.stop().success());
+        assert_eq!(
+            std::fs::read(node.conf().join(first)).unwrap(),
+            text.as_bytes(),
+            "{first:?} given back"
+        );
+    }
+}
+
+/// Any name the runtime can read is chained: temporary and backup names never exceed
+/// NAME_MAX. Only a `.conf` whose `.conflist` twin cannot exist fails, and says why.
+#[test]
+fn names_up_to_name_max_are_chained() {
+    for len in [200usize, 255] {
+        let node = Node::new();
+        let name = format!("{}.conflist", "a".repeat(len - ".conflist".len()));
+        let original = node.write(&name, BRIDGE_LIST, 0o644);
+        let inst = node.start(&[]);
+        inst.wait_ready();
+        assert_eq!(
+            plugins(&node.json(&name)).last().unwrap(),
+            "mesh-redirect",
+            "{len}"
+        );
+        assert!(inst.stop().success());
+        assert_eq!(node.read(&name).unwrap(), original, "{len}: given back");
+        assert_eq!(node.names(), [name], "{len}: no backup left");
+    }
+    // A 251-byte .conf: turned into a 255-byte .conflist.
+    let node = Node::new();
+    let name = format!("{}.conf", "b".repeat(251 - ".conf".len()));
+    let conf = r#"{"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"}"#;
+    let original = node.write(&name, conf, 0o644);
+    let inst = node.start(&[]);
+    inst.wait_ready();
+    assert!(inst.stop().success());
+    assert_eq!(node.read(&name).unwrap(), original);
+    // A 252-byte .conf cannot have a .conflist twin: not ready, saying why, file untouched.
+    let node = Node::new();
+    let name = format!("{}.conf", "c".repeat(252 - ".conf".len()));
+    let original = node.write(&name, conf, 0o644);
+    let inst = node.start(&[]);
+    wait_for(10, "installer up", || inst.get("/readyz").is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, body) = inst.get("/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("longer than 255"), "{body}");
+    assert!(inst.log().contains("longer than 255"), "{}", inst.log());
+    assert_eq!(node.read(&name).unwrap(), original);
+}
+
+/// How the primary plugin writes its file in the race harness.
+#[derive(Clone, Copy, Debug)]
+enum Writer {
+    /// A new file renamed over the name (atomic writers: Calico, Cilium, kindnet).
+    Rename,
+    /// Truncate and write into whatever inode the name has when opened.
+    InPlace,
+}
+
+fn write_version(conf: &Path, name: &str, text: &str, how: Writer) {
+    use std::io::Write;
+    match how {
+        Writer::Rename => {
+            let tmp = conf.join(format!("{name}.writer-tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, conf.join(name)).unwrap();
+        }
+        Writer::InPlace => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(conf.join(name))
+                .unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        }
+    }
+}
+
+/// The primary plugin rewrites its file 20 times, 0–4 ms apart, the last write timed to the
+/// installer's own temp-file creation (seen with inotify), i.e. after it read the file and
+/// before it replaced it. Once the writer stops, the file must hold the last version with our
+/// entry and the backup the last version as written: no trial may lose it.
+fn race(how: Writer) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    const TRIALS: usize = 200;
+    const WRITES: usize = 20;
+    let node = Node::new();
+    let name = "10-bridge.conflist";
+    node.write(name, BRIDGE_LIST, 0o644);
+    let inst = node.start(&[]);
+    inst.wait_ready();
+    let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+    watch
+        .add_watch(&node.conf(), AddWatchFlags::IN_CREATE)
+        .unwrap();
+    let backup = format!("{name}.mesh-redirect-orig");
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut hits, mut lost) = (0, Vec::new());
+    for trial in 0..TRIALS {
+        let mut last = String::new();
+        for k in 1..=WRITES {
+            last = BRIDGE_LIST.replace("k8s-pod-network", &format!("net-{trial}-{k}"));
+            if k == WRITES {
+                // Wait for the installer to start writing (its reaction to write 19), then
+                // write at once: inside its read-then-replace window.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                let mut hit = false;
+                while !hit && Instant::now() < deadline {
+                    hit = watch.read_events().is_ok_and(|evs| {
+                        evs.iter().any(|e| {
+                            e.name.as_ref().is_some_and(|n| {
+                                n.to_string_lossy().starts_with(".mesh-redirect-tmp-")
+                                    || n.to_string_lossy().contains(".tmp-")
+                            })
+                        })
+                    });
+                }
+                hits += hit as usize;
+            } else {
+                std::thread::sleep(Duration::from_micros(next() % 4000));
+                // Forget earlier temp files: only the reaction to the latest write counts.
+                let _ = watch.read_events();
+            }
+            write_version(&node.conf(), name, &last, how);
+        }
+        let want = format!("net-{trial}-{WRITES}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let ok = loop {
+            let v = node.json(name);
+            if v["name"] == want.as_str()
+                && plugins(&v).last().map(String::as_str) == Some("mesh-redirect")
+                && node.read(&backup).as_deref() == Some(last.as_bytes())
+            {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if !ok {
+            let b: Value =
+                serde_json::from_slice(&node.read(&backup).unwrap_or_default()).unwrap_or_default();
+            println!(
+                "trial {trial}: file {} (plugins {:?}), backup {}",
+                node.json(name)["name"],
+                plugins(&node.json(name)),
+                b["name"]
+            );
+            lost.push(trial);
+        }
+    }
+    println!(
+        "race {how:?}: {TRIALS} trials x {WRITES} writes, last write inside the installer's window in {hits}, lost in {}",
+        lost.len()
     );
-    assert!(log.contains("07-noname.conf"), "{log}");
+    assert!(
+        hits >= TRIALS * 9 / 10,
+        "the harness hit the window in only {hits} trials"
+    );
+    assert!(
+        lost.is_empty(),
+        "{how:?}: the last version was lost in {} of {TRIALS} trials ({lost:?}); file: {:?}",
+        lost.len(),
+        node.json(name)["name"]
+    );
+    // No temp files left behind.
+    assert!(
+        node.names().iter().all(|n| !n.contains("tmp")),
+        "{:?}",
+        node.names()
+    );
+}
+
+#[test]
+fn no_primary_version_is_lost_to_a_writer_renaming_over_it() {
+    race(Writer::Rename);
+}
+
+#[test]
+fn no_primary_version_is_lost_to_a_writer_writing_in_place() {
+    race(Writer::InPlace);
 }
 
 #[test]

@@ -161,6 +161,39 @@ fn check_passes_after_add_and_names_a_rule_removed_by_hand() {
     assert!(msg.contains("table inet mesh_redirect is missing"), "{msg}");
 }
 
+/// CHECK reads every attribute that changes what the table does, not only its rules: a
+/// dormant table or a base chain turned to `policy drop` keeps every rule and captures nothing
+/// (or drops everything).
+#[test]
+fn check_fails_for_a_dormant_table_or_a_changed_chain_policy() {
+    let pod = Pod::meshed(&[]);
+    pod.check().expect("CHECK right after ADD");
+    let expect_103 = |what: &str| {
+        let e = pod
+            .plugin("CHECK", &pod.mesh_conf())
+            .expect_err("CHECK must fail");
+        let json = e.json.expect("error JSON");
+        assert_eq!(json["code"], 103, "{json}");
+        let msg = json["msg"].as_str().unwrap().to_string();
+        assert!(msg.contains(what), "{msg}");
+    };
+    pod.pod
+        .exec(&["nft", "add table inet mesh_redirect { flags dormant; }"]);
+    // Dormant really turns capture off: the app's connection goes out as is.
+    let _proxy = pod.proxy();
+    let _node = pod.node_server(&[8080]);
+    assert_answer(pod.dial_from_pod(APP, &hp(GW4, 8080)), "node", None);
+    expect_103("flags dormant");
+
+    pod.plugin("ADD", &pod.mesh_conf()).unwrap();
+    pod.check().expect("CHECK after the repairing ADD");
+    pod.pod.exec(&[
+        "nft",
+        "add chain inet mesh_redirect output { type nat hook output priority -100; policy drop; }",
+    ]);
+    expect_103("chain output has policy drop");
+}
+
 #[test]
 fn check_for_a_skipped_pod_passes_without_table_and_fails_with_one() {
     let pod = Pod::with(Some(json!({"app": "x"})), json!({})).unwrap();

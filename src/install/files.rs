@@ -3,9 +3,11 @@
 //! temporary files are created exclusively and without following links, and a rename replaces
 //! a directory entry, never what a link points to.
 
+use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The binary's name in the CNI bin dir.
@@ -16,25 +18,36 @@ pub const LIBS_DIR: &str = "mesh-redirect.libs";
 /// Suffix of the backups of configs we changed: not a CNI config extension, so runtimes skip it.
 pub const BACKUP_SUFFIX: &str = ".mesh-redirect-orig";
 
-/// Writes `bytes` to `dir/name` atomically: a new temporary file in the same directory, synced,
-/// given `mode`, then renamed over the target. Readers see the old file or the new one. (The
-/// temporary file must live in the directory: rename is atomic only within a filesystem, and
-/// containerd 1.6's conf-dir watcher reloads on its WRITE events but ignores CREATE ones.)
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
-    // A name no other writer uses (installers are PID 1 in their containers, so a pid alone
-    // would collide); create_new never opens, let alone removes, someone else's file.
+/// A file's identity (device, inode) and content, as read once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub id: (u64, u64),
+    pub bytes: Vec<u8>,
+}
+
+/// A temporary name in the conf dir: fixed length whatever the target's (so it always fits),
+/// unique, and not a config extension (Go's `filepath.Ext` of it is the whole name).
+pub fn temp_name() -> OsString {
+    OsString::from(format!(
+        ".mesh-redirect-tmp-{}-{:x}",
+        std::process::id(),
+        unique_suffix()
+    ))
+}
+
+/// A new temporary file in `dir` holding `bytes` with `mode`, synced and closed (exec of a
+/// file open for writing fails with ETXTBSY). Returns its name and identity.
+pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> io::Result<(OsString, Version)> {
+    // create_new never opens, let alone truncates, someone else's file; a collision (another
+    // installer with the same pid in its own container) just tries the next name.
     let (tmp, mut f) = loop {
-        let tmp = dir.join(format!(
-            ".{name}.tmp-{}-{:x}",
-            std::process::id(),
-            unique_suffix()
-        ));
+        let tmp = temp_name();
         match OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
+            .open(dir.join(&tmp))
         {
             Ok(f) => break (tmp, f),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -45,16 +58,111 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Resu
         f.write_all(bytes)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
-        // Closed before it becomes visible: exec of a file open for writing fails (ETXTBSY).
-        drop(f);
-        fs::rename(&tmp, dir.join(name))?;
-        // The rename itself must survive a crash too.
-        File::open(dir)?.sync_all()
+        let m = f.metadata()?;
+        Ok(Version {
+            id: (m.dev(), m.ino()),
+            bytes: bytes.to_vec(),
+        })
     })();
+    drop(f);
+    match res {
+        Ok(v) => Ok((tmp, v)),
+        Err(e) => {
+            let _ = fs::remove_file(dir.join(&tmp));
+            Err(e)
+        }
+    }
+}
+
+/// Writes `bytes` to `dir/name` atomically: a new temporary file in the same directory, synced,
+/// given `mode`, then renamed over the target. Readers see the old file or the new one. (The
+/// temporary file must live in the directory: rename is atomic only within a filesystem, and
+/// containerd 1.6's conf-dir watcher reloads on its WRITE events but ignores CREATE ones.)
+pub fn write_atomic(dir: &Path, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let (tmp, _) = write_temp(dir, bytes, mode)?;
+    finish(dir, &tmp, || fs::rename(dir.join(&tmp), dir.join(name)))
+}
+
+/// Like [`write_atomic`], but only if nothing is under `name` (`AlreadyExists` otherwise).
+pub fn write_new(dir: &Path, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let (tmp, _) = write_temp(dir, bytes, mode)?;
+    finish(dir, &tmp, || {
+        renameat2(
+            AT_FDCWD,
+            &dir.join(&tmp),
+            AT_FDCWD,
+            &dir.join(name),
+            RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(io::Error::from)
+    })
+}
+
+/// Swaps what `dir/a` and `dir/b` name, atomically: `b` then names what `a` did, and `a` what
+/// `b` did (so the caller gets the displaced inode back under `a`).
+pub fn exchange(dir: &Path, a: &OsStr, b: &OsStr) -> io::Result<()> {
+    renameat2(
+        AT_FDCWD,
+        &dir.join(a),
+        AT_FDCWD,
+        &dir.join(b),
+        RenameFlags::RENAME_EXCHANGE,
+    )
+    .map_err(io::Error::from)?;
+    // The swap itself must survive a crash too.
+    File::open(dir)?.sync_all()
+}
+
+/// Runs the rename of `tmp`, syncs the dir, and removes `tmp` if the rename failed.
+fn finish(dir: &Path, tmp: &OsStr, rename: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    let res = rename().and_then(|()| File::open(dir)?.sync_all());
     if res.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(dir.join(tmp));
     }
     res
+}
+
+/// Opens a regular file (through a symlink at its last component only with `follow`) and
+/// reads its identity and content; the file stays open for reading it again later.
+pub fn open_version(path: &Path, follow: bool) -> io::Result<(File, Version)> {
+    // O_NONBLOCK: opening a FIFO someone named *.conf must not hang the installer.
+    let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let bytes = read_all_at(&f)?;
+    Ok((
+        f,
+        Version {
+            id: (m.dev(), m.ino()),
+            bytes,
+        },
+    ))
+}
+
+/// The whole content of an open file, from its start (the file offset is not used).
+pub fn read_all_at(f: &File) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match f.read_at(&mut buf, out.len() as u64) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Time-based and per-process unique: enough to keep temporary names apart.
@@ -104,7 +212,7 @@ pub fn install_file(src: &Path, dir: &Path, name: &str, mode: u32) -> io::Result
     {
         return Ok(false);
     }
-    write_atomic(dir, name, &want, mode)?;
+    write_atomic(dir, OsStr::new(name), &want, mode)?;
     Ok(true)
 }
 
@@ -245,7 +353,7 @@ mod tests {
     #[test]
     fn atomic_write_sets_mode_and_replaces_symlinks_not_their_targets() {
         let d = tmpdir();
-        write_atomic(&d, "a.conflist", b"one", 0o600).unwrap();
+        write_atomic(&d, OsStr::new("a.conflist"), b"one", 0o600).unwrap();
         assert_eq!(fs::read(d.join("a.conflist")).unwrap(), b"one");
         assert_eq!(mode_of(&d.join("a.conflist")), 0o600);
         // A symlink pointing out of the directory: the link is replaced, the target untouched.
@@ -256,7 +364,7 @@ mod tests {
             read_regular(&d.join("b.conf")).is_err(),
             "reading does not follow the link"
         );
-        write_atomic(&d, "b.conf", b"new", 0o644).unwrap();
+        write_atomic(&d, OsStr::new("b.conf"), b"new", 0o644).unwrap();
         assert_eq!(fs::read(&outside).unwrap(), b"keep");
         assert!(fs::symlink_metadata(d.join("b.conf")).unwrap().is_file());
         // No temporary files left.

@@ -7,29 +7,25 @@
 //! undoes it on SIGTERM/SIGINT. One thread, one `poll` loop over inotify, a signalfd and the
 //! readiness socket.
 
+pub mod confdir;
 pub mod conflist;
 pub mod files;
 
-use crate::cli::CliError;
-use conflist::Conf;
+use crate::args::{self, CliError, Spec};
+use confdir::ConfDir;
+pub use confdir::unchain_dir;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{Value, json};
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::ffi::OsString;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-
-/// Config file extensions runtimes read (libcni's).
-const EXTENSIONS: [&str; 3] = ["conf", "conflist", "json"];
-/// Re-chaining this often within FLAP_WINDOW means something else fights over the file.
-const FLAP_LIMIT: usize = 5;
-const FLAP_WINDOW: Duration = Duration::from_secs(60);
 
 /// `install`/`uninstall` options; every flag also reads an environment variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,18 +55,31 @@ pub const USAGE: &str =
   mesh-redirect uninstall --cni-bin-dir DIR --cni-conf-dir DIR [--keep-binary]
       Remove the chain entry (restoring the original files) and the binary, once.";
 
-const FLAGS: [(&str, &str); 7] = [
-    ("--cni-bin-dir", "MESH_REDIRECT_CNI_BIN_DIR"),
-    ("--cni-conf-dir", "MESH_REDIRECT_CNI_CONF_DIR"),
-    ("--conf-name", "MESH_REDIRECT_CONF_NAME"),
-    ("--plugin-config", "MESH_REDIRECT_PLUGIN_CONFIG"),
-    ("--readiness-addr", "MESH_REDIRECT_READINESS_ADDR"),
-    ("--keep-binary", "MESH_REDIRECT_KEEP_BINARY"),
-    ("--keep-on-exit", "MESH_REDIRECT_KEEP_ON_EXIT"),
-];
+const fn value(flag: &'static str, env: &'static str) -> Spec {
+    Spec {
+        flag,
+        env,
+        switch: false,
+    }
+}
 
-/// Flags that take no value on the command line.
-const SWITCHES: [&str; 2] = ["--keep-binary", "--keep-on-exit"];
+const fn switch(flag: &'static str, env: &'static str) -> Spec {
+    Spec {
+        flag,
+        env,
+        switch: true,
+    }
+}
+
+const SPECS: &[Spec] = &[
+    value("--cni-bin-dir", "MESH_REDIRECT_CNI_BIN_DIR"),
+    value("--cni-conf-dir", "MESH_REDIRECT_CNI_CONF_DIR"),
+    value("--conf-name", "MESH_REDIRECT_CONF_NAME"),
+    value("--plugin-config", "MESH_REDIRECT_PLUGIN_CONFIG"),
+    value("--readiness-addr", "MESH_REDIRECT_READINESS_ADDR"),
+    switch("--keep-binary", "MESH_REDIRECT_KEEP_BINARY"),
+    switch("--keep-on-exit", "MESH_REDIRECT_KEEP_ON_EXIT"),
+];
 
 impl Options {
     /// Flags win over the environment (`env` is normally `std::env::var`).
@@ -78,43 +87,21 @@ impl Options {
         args: &[String],
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Options, CliError> {
-        let switched = |flag: &str| args.iter().any(|a| a == flag);
-        let rest: Vec<String> = args
-            .iter()
-            .filter(|a| !SWITCHES.contains(&a.as_str()))
-            .cloned()
-            .collect();
-        let names: Vec<&str> = FLAGS.iter().map(|(f, _)| *f).collect();
-        let flags = crate::cli::flags(&rest, &names)?;
-        let get = |flag: &str| -> Option<String> {
-            let from_flag = flags
-                .iter()
-                .rev()
-                .find(|(n, _)| n == flag)
-                .map(|(_, v)| v.clone());
-            let var = FLAGS
-                .iter()
-                .find(|(f, _)| *f == flag)
-                .map(|(_, v)| *v)
-                .unwrap_or_default();
-            from_flag.or_else(|| env(var)).filter(|v| !v.is_empty())
-        };
+        let f = args::parse(args, SPECS, env)?;
         let dir = |flag: &str| -> Result<PathBuf, CliError> {
             let d = PathBuf::from(
-                get(flag).ok_or_else(|| CliError::Usage(format!("{flag} is required")))?,
+                f.get(flag)
+                    .ok_or_else(|| CliError::Usage(format!("{flag} is required")))?,
             );
             if !d.is_absolute() {
                 return Err(CliError::Usage(format!("{flag} must be an absolute path")));
             }
             Ok(d)
         };
-        let readiness_addr = match get("--readiness-addr") {
-            None => None,
-            Some(a) => Some(a.parse().map_err(|_| {
-                CliError::Usage(format!("--readiness-addr {a:?} is not HOST:PORT"))
-            })?),
-        };
-        let conf_name = get("--conf-name");
+        let readiness_addr = f.parsed("--readiness-addr", "HOST:PORT", |a| {
+            a.parse::<SocketAddr>().ok()
+        })?;
+        let conf_name = f.get("--conf-name");
         if let Some(n) = &conf_name
             && (n.contains('/') || n.starts_with('.'))
         {
@@ -126,18 +113,16 @@ impl Options {
             bin_dir: dir("--cni-bin-dir")?,
             conf_dir: dir("--cni-conf-dir")?,
             conf_name,
-            plugin_config: get("--plugin-config").map(PathBuf::from),
+            plugin_config: f.get("--plugin-config").map(PathBuf::from),
             readiness_addr,
-            keep_binary: switched("--keep-binary")
-                || get("--keep-binary").is_some_and(|v| v == "true" || v == "1"),
-            keep_on_exit: switched("--keep-on-exit")
-                || get("--keep-on-exit").is_some_and(|v| v == "true" || v == "1"),
+            keep_binary: f.on("--keep-binary"),
+            keep_on_exit: f.on("--keep-on-exit"),
         })
     }
 }
 
 /// One JSON log line on stderr.
-fn log(level: &str, msg: &str, extra: Value) {
+pub(crate) fn log(level: &str, msg: &str, extra: Value) {
     let mut line = json!({"ts": crate::log::rfc3339(std::time::SystemTime::now()), "level": level,
         "component": "installer", "msg": msg});
     if let (Some(l), Value::Object(e)) = (line.as_object_mut(), extra) {
@@ -146,97 +131,14 @@ fn log(level: &str, msg: &str, extra: Value) {
     eprintln!("{line}");
 }
 
-fn ext_of(name: &str) -> Option<&str> {
-    let ext = Path::new(name).extension()?.to_str()?;
-    EXTENSIONS.contains(&ext).then_some(ext)
-}
-
-/// The config files of `dir`, lexically ordered, as runtimes list them.
-fn config_files(dir: &Path) -> io::Result<Vec<String>> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| ext_of(n).is_some())
-        .collect();
-    names.sort();
-    Ok(names)
-}
-
-/// The primary config: `conf_name` if given, else the lexically first valid file. Invalid ones
-/// are reported (once per content) and skipped.
-fn find_primary(
-    opts: &Options,
-    reported: &mut Vec<(String, String)>,
-) -> io::Result<Option<Primary>> {
-    let names = match &opts.conf_name {
-        // A single-plugin file we turned into a list lives on under the list's name.
-        Some(n) => vec![n.clone(), format!("{}.conflist", stem(n))],
-        None => config_files(&opts.conf_dir)?,
-    };
-    for name in names {
-        let path = opts.conf_dir.join(&name);
-        // Runtimes follow symlinks when they read; a FIFO or device would block or mislead.
-        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            continue;
-        }
-        let stamp = files::stamp(&path);
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
-        };
-        match conflist::parse(&bytes, ext_of(&name) == Some("conflist")) {
-            Ok(conf) => {
-                return Ok(Some(Primary {
-                    name,
-                    conf,
-                    bytes,
-                    stamp,
-                }));
-            }
-            Err(why) => {
-                let key = (name.clone(), why.clone());
-                if !reported.contains(&key) {
-                    log(
-                        "error",
-                        "invalid network config left untouched",
-                        json!({"file": name, "error": why}),
-                    );
-                    reported.push(key);
-                }
-            }
-        }
-    }
-    Ok(None)
-}
-
-/// The primary config as read once: everything chain() decides and writes comes from these
-/// bytes, and `stamp` tells whether the file changed before we replace it.
-struct Primary {
-    name: String,
-    conf: Conf,
-    bytes: Vec<u8>,
-    stamp: Option<files::Stamp>,
-}
-
 /// The installer's state between events.
 struct Installer {
     opts: Options,
-    entry: Value,
-    /// The file our entry is in, once chained.
-    chained: Option<String>,
+    conf: ConfDir,
     binary_current: bool,
     /// (inode, mtime, size) of the binary when last found current: re-read only when it changes.
     binary_stamp: Option<files::Stamp>,
     last_error: Option<String>,
-    rewrites: VecDeque<Instant>,
-    reported: Vec<(String, String)>,
-    waiting_logged: bool,
-}
-
-fn stem(name: &str) -> &str {
-    Path::new(name)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(name)
 }
 
 impl Installer {
@@ -263,16 +165,17 @@ impl Installer {
             crate::config::PluginConfig::from_conf(m)
                 .map_err(|e| format!("plugin config: {}", e.msg))?;
         }
+        let conf = ConfDir::new(
+            opts.conf_dir.clone(),
+            opts.conf_name.as_ref().map(OsString::from),
+            entry,
+        );
         Ok(Installer {
             opts,
-            entry,
-            chained: None,
+            conf,
             binary_current: false,
             binary_stamp: None,
             last_error: None,
-            rewrites: VecDeque::new(),
-            reported: Vec::new(),
-            waiting_logged: false,
         })
     }
 
@@ -283,8 +186,14 @@ impl Installer {
         if !self.binary_current {
             return Err("the plugin binary is not in place".into());
         }
-        if self.chained.is_none() {
-            return Err("not chained yet: no primary network config".into());
+        if self.conf.chained.is_none() {
+            return Err(format!(
+                "not chained: {}",
+                self.conf
+                    .waiting
+                    .as_deref()
+                    .unwrap_or("no primary network config")
+            ));
         }
         Ok(())
     }
@@ -321,9 +230,9 @@ impl Installer {
         }
     }
 
-    /// Brings the conf dir to "our entry last in the primary, nowhere else".
-    fn reconcile(&mut self) {
-        match self.chain() {
+    /// Records the outcome of a conf dir operation (logging a new error once).
+    fn outcome(&mut self, r: Result<(), String>) {
+        match r {
             Ok(()) => self.last_error = None,
             Err(e) => {
                 if self.last_error.as_ref() != Some(&e) {
@@ -334,218 +243,36 @@ impl Installer {
         }
     }
 
-    fn chain(&mut self) -> Result<(), String> {
-        let dir = self.opts.conf_dir.clone();
-        let Some(Primary {
-            name,
-            conf,
-            bytes,
-            stamp,
-        }) = find_primary(&self.opts, &mut self.reported)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-        else {
-            if !self.waiting_logged {
-                log(
-                    "info",
-                    "waiting for a primary network config",
-                    json!({"dir": dir}),
-                );
-                self.waiting_logged = true;
+    fn reconcile(&mut self, inotify: &Inotify) {
+        let r = self.conf.reconcile(inotify).map(|_| ());
+        self.outcome(r);
+    }
+
+    /// Handles inotify events in order: a write into an inode we displaced is a version of the
+    /// primary older than any change to the dir queued after it, so it goes first.
+    fn on_events(&mut self, inotify: &Inotify) {
+        let mut dirty = false;
+        while let Ok(events) = inotify.read_events() {
+            if events.is_empty() {
+                break;
             }
-            self.chained = None;
-            return Ok(());
-        };
-        self.waiting_logged = false;
-        let path = dir.join(&name);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(format!(
-                "primary config {name} is a symlink; refusing to replace it"
-            ));
-        }
-        let list = conflist::as_list(&conf);
-        // A chain mesh-redirect cannot speak would fail every pod's ADD on the node.
-        crate::protocol::negotiate_version(&list, crate::protocol::Command::Add)
-            .map_err(|e| format!("primary config {name}: {}; not chaining into it", e.msg))?;
-        let target = match conf {
-            Conf::List(_) => name.clone(),
-            Conf::Single(_) => format!("{}.conflist", stem(&name)),
-        };
-        if matches!(conf, Conf::List(_)) && conflist::is_chained(&list, &self.entry) {
-            self.chained = Some(target);
-            return self.unchain_others(&name);
-        }
-        if target != name && dir.join(&target).exists() && !self.is_ours_converted(&target, &name) {
-            return Err(format!(
-                "cannot turn {name} into a list: {target} exists and is not ours"
-            ));
-        }
-        let mode = files::mode_of(&path);
-        let backup = format!("{name}{}", files::BACKUP_SUFFIX);
-        // Keep the file as the primary plugin wrote it, to give it back byte for byte.
-        if !conflist::has_ours(&list) {
-            files::write_atomic(&dir, &backup, &bytes, mode)
-                .map_err(|e| format!("{backup}: {e}"))?;
-        }
-        // Rewritten since we read it: replacing it now would lose that version. Its own
-        // inotify event brings us back to chain the new one.
-        if files::stamp(&path) != stamp {
-            return Ok(());
-        }
-        files::write_atomic(
-            &dir,
-            &target,
-            &conflist::render(&conflist::chain(&list, &self.entry)),
-            mode,
-        )
-        .map_err(|e| format!("{target}: {e}"))?;
-        if target != name {
-            std::fs::remove_file(&path).map_err(|e| format!("{name}: {e}"))?;
-        }
-        let rewritten = self.chained.as_deref() == Some(target.as_str());
-        log(
-            "info",
-            if rewritten {
-                "re-chained after the file was rewritten"
-            } else {
-                "chained"
-            },
-            json!({"file": target}),
-        );
-        if rewritten {
-            self.note_rewrite(&target);
-        }
-        self.chained = Some(target.clone());
-        self.unchain_others(&target)
-    }
-
-    /// Whether `target` (a `.conflist`) is the one we made from `single_name`.
-    fn is_ours_converted(&self, target: &str, single_name: &str) -> bool {
-        let backup = self
-            .opts
-            .conf_dir
-            .join(format!("{single_name}{}", files::BACKUP_SUFFIX));
-        backup.exists()
-            && files::read_regular(&self.opts.conf_dir.join(target))
-                .ok()
-                .and_then(|b| conflist::parse(&b, true).ok())
-                .is_some_and(|c| conflist::has_ours(&conflist::as_list(&c)))
-    }
-
-    /// Another component rewrote our file: fine once, a fight if it keeps happening.
-    fn note_rewrite(&mut self, file: &str) {
-        let now = Instant::now();
-        self.rewrites.push_back(now);
-        while self
-            .rewrites
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > FLAP_WINDOW)
-        {
-            self.rewrites.pop_front();
-        }
-        if self.rewrites.len() >= FLAP_LIMIT {
-            log(
-                "warn",
-                "flapping: another component keeps rewriting the network config without mesh-redirect",
-                json!({"file": file, "rewrites": self.rewrites.len(), "windowSeconds": FLAP_WINDOW.as_secs()}),
-            );
-            self.rewrites.clear();
-        }
-    }
-
-    /// Removes our entry from every config file but `keep`.
-    fn unchain_others(&mut self, keep: &str) -> Result<(), String> {
-        unchain_dir(&self.opts.conf_dir, Some(keep))
-    }
-}
-
-/// Removes our entries from the conf dir's files (except `keep`), giving back the original
-/// bytes where we kept them and the file is otherwise unchanged; restores `.conf` files we
-/// turned into lists.
-pub fn unchain_dir(dir: &Path, keep: Option<&str>) -> Result<(), String> {
-    let err = |n: &str, e: io::Error| format!("{n}: {e}");
-    // Backups first: they say which files we changed and what they were.
-    let backups: Vec<String> = std::fs::read_dir(dir)
-        .map_err(|e| err(&dir.display().to_string(), e))?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.ends_with(files::BACKUP_SUFFIX))
-        .collect();
-    for backup in backups {
-        let orig = backup
-            .strip_suffix(files::BACKUP_SUFFIX)
-            .unwrap_or(&backup)
-            .to_string();
-        let converted = format!("{}.conflist", stem(&orig));
-        let current = if dir.join(&orig).exists() {
-            orig.clone()
-        } else {
-            converted
-        };
-        if Some(current.as_str()) == keep {
-            continue;
-        }
-        let saved = files::read_regular(&dir.join(&backup)).map_err(|e| err(&backup, e))?;
-        if let Ok(now) = files::read_regular(&dir.join(&current))
-            && let Ok(now) = conflist::parse(&now, ext_of(&current) == Some("conflist"))
-        {
-            let now = conflist::as_list(&now);
-            let saved_list = conflist::parse(&saved, ext_of(&orig) == Some("conflist"))
-                .map(|c| conflist::as_list(&c));
-            let mode = files::mode_of(&dir.join(&current));
-            if saved_list
-                .as_ref()
-                .is_ok_and(|s| *s == conflist::unchain(&now))
-            {
-                // Unchanged but for us: the original bytes, under the original name.
-                files::write_atomic(dir, &orig, &saved, mode).map_err(|e| err(&orig, e))?;
-                if current != orig {
-                    std::fs::remove_file(dir.join(&current)).map_err(|e| err(&current, e))?;
+            for ev in events {
+                if self.conf.watches(ev.wd) {
+                    if dirty {
+                        self.reconcile(inotify);
+                        dirty = false;
+                    }
+                    let r = self.conf.on_displaced_write(inotify, ev.wd);
+                    self.outcome(r);
+                } else {
+                    dirty = true;
                 }
-            } else if conflist::has_ours(&now) {
-                files::write_atomic(
-                    dir,
-                    &current,
-                    &conflist::render(&conflist::unchain(&now)),
-                    mode,
-                )
-                .map_err(|e| err(&current, e))?;
             }
         }
-        std::fs::remove_file(dir.join(&backup)).map_err(|e| err(&backup, e))?;
-        log(
-            "info",
-            "removed mesh-redirect from a network config",
-            json!({"file": orig}),
-        );
-    }
-    // Entries without a backup (e.g. written by hand or by an older installer).
-    for name in config_files(dir).map_err(|e| err(&dir.display().to_string(), e))? {
-        if Some(name.as_str()) == keep {
-            continue;
-        }
-        let Ok(bytes) = files::read_regular(&dir.join(&name)) else {
-            continue;
-        };
-        if let Ok(c) = conflist::parse(&bytes, ext_of(&name) == Some("conflist")) {
-            let list = conflist::as_list(&c);
-            if matches!(c, Conf::List(_)) && conflist::has_ours(&list) {
-                let mode = files::mode_of(&dir.join(&name));
-                files::write_atomic(
-                    dir,
-                    &name,
-                    &conflist::render(&conflist::unchain(&list)),
-                    mode,
-                )
-                .map_err(|e| err(&name, e))?;
-                log(
-                    "info",
-                    "removed mesh-redirect from a network config",
-                    json!({"file": name}),
-                );
-            }
+        if dirty {
+            self.reconcile(inotify);
         }
     }
-    Ok(())
 }
 
 /// Answers one readiness probe (HTTP/1.x GET /readyz or /healthz).
@@ -633,7 +360,7 @@ fn install_loop(opts: Options) -> Result<(), String> {
             "nodeNeeds": needs.map(|(a, b)| format!("glibc >= {a}.{b} (libnftnl and libmnl ship in {})", files::LIBS_DIR))}),
     );
     inst.install_binary();
-    inst.reconcile();
+    inst.reconcile(&inotify);
     loop {
         let mut fds = vec![
             PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
@@ -642,8 +369,9 @@ fn install_loop(opts: Options) -> Result<(), String> {
         if let Some(l) = &listener {
             fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
         }
-        // Retry soon while something is wrong; otherwise rely on events (plus a slow safety net).
-        let timeout = if inst.ready().is_ok() {
+        // Retry soon while something is wrong, or while displaced inodes are watched (to let
+        // them go in time); otherwise rely on events (plus a slow safety net).
+        let timeout = if inst.ready().is_ok() && !inst.conf.watching() {
             30_000u16
         } else {
             1_000
@@ -675,16 +403,17 @@ fn install_loop(opts: Options) -> Result<(), String> {
             );
             return cleanup(&inst.opts);
         }
-        if changed {
-            // Drain; what changed is re-read below whatever it was.
-            let _ = inotify.read_events();
-        }
         inst.check_binary();
         if !inst.binary_current {
             inst.install_binary();
             inst.check_binary();
         }
-        inst.reconcile();
+        if changed {
+            inst.on_events(&inotify);
+        } else {
+            inst.reconcile(&inotify);
+        }
+        inst.conf.expire(&inotify, Instant::now());
         if probe && let Some(l) = &listener {
             serve_probe(l, inst.ready());
         }
@@ -782,15 +511,5 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn extensions_are_libcnis() {
-        assert_eq!(ext_of("10-bridge.conf"), Some("conf"));
-        assert_eq!(ext_of("10-bridge.conflist"), Some("conflist"));
-        assert_eq!(ext_of("99.json"), Some("json"));
-        assert_eq!(ext_of("10-bridge.conf.mesh-redirect-orig"), None);
-        assert_eq!(ext_of(".10-bridge.conflist.tmp-12"), None);
-        assert_eq!(stem("10-bridge.conf"), "10-bridge");
     }
 }

@@ -1,0 +1,781 @@
+//! The CNI conf dir as the runtime reads it, and keeping our entry in its primary file without
+//! ever losing a version the primary plugin wrote.
+//!
+//! Selection is libcni's: `ConfFiles` (every entry that is not a directory whose Go
+//! `filepath.Ext` is `.conf`, `.conflist` or `.json`, names kept as bytes) sorted bytewise; the
+//! runtime uses the first one, and containerd refuses the whole dir while that one is invalid.
+//!
+//! Replacing the primary races with its own writer. We never `rename` over it blindly: our
+//! version goes in with `renameat2(RENAME_EXCHANGE)`, which hands back the inode it displaced.
+//! If that is not the version we read (renamed over the name meanwhile, or rewritten in place),
+//! it is newer, and it is chained and exchanged in turn. A displaced inode stays watched for a
+//! while (inotify on the inode, plus an fd to read it), because a writer that opened it before
+//! the swap writes into it after: that write is a newer version too.
+
+use super::conflist::{self, Conf};
+use super::files::{self, Version};
+use super::log;
+use nix::sys::inotify::{AddWatchFlags, Inotify, WatchDescriptor};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// libcni's extensions, compared with Go's `filepath.Ext`.
+const EXTENSIONS: [&[u8]; 3] = [b".conf", b".conflist", b".json"];
+/// Longest file name the kernel takes (and so the runtime reads).
+pub const NAME_MAX: usize = 255;
+/// Re-chaining this often within FLAP_WINDOW means something else fights over the file.
+const FLAP_LIMIT: usize = 5;
+const FLAP_WINDOW: Duration = Duration::from_secs(60);
+/// How long a displaced inode is watched for late in-place writes, and how many at once.
+const DISPLACED_FOR: Duration = Duration::from_secs(10);
+const DISPLACED_MAX: usize = 32;
+/// Exchanges in one go before leaving the rest to the writer's next event.
+const MAX_ROUNDS: usize = 64;
+
+/// Go's `filepath.Ext` of a file name: from the last `.` on, or empty.
+pub fn go_ext(name: &[u8]) -> &[u8] {
+    name.iter()
+        .rposition(|&b| b == b'.')
+        .map_or(&[][..], |i| &name[i..])
+}
+
+/// Whether the runtime reads `name` as a network config.
+pub fn is_conf(name: &OsStr) -> bool {
+    EXTENSIONS.contains(&go_ext(name.as_bytes()))
+}
+
+/// Whether the runtime reads `name` as a list (libcni: the `.conflist` suffix).
+pub fn is_list(name: &OsStr) -> bool {
+    go_ext(name.as_bytes()) == b".conflist"
+}
+
+/// The name without its extension.
+fn stem(name: &OsStr) -> &[u8] {
+    let b = name.as_bytes();
+    &b[..b.len() - go_ext(b).len()]
+}
+
+/// `10-bridge.conf` → `10-bridge.conflist`; `None` when that would not fit in a file name.
+pub fn list_twin(name: &OsStr) -> Option<OsString> {
+    let mut b = stem(name).to_vec();
+    b.extend_from_slice(b".conflist");
+    (b.len() <= NAME_MAX).then(|| OsString::from_vec(b))
+}
+
+/// Where the byte copy of `name` as the primary plugin wrote it is kept: `NAME` +
+/// `.mesh-redirect-orig` (not a config extension, so runtimes skip it), or for a name too long
+/// for that, a fixed-length name derived from it (found again by [`original_of_backup`]).
+pub fn backup_name(name: &OsStr) -> OsString {
+    let suffix = files::BACKUP_SUFFIX.as_bytes();
+    let b = name.as_bytes();
+    if b.len() + suffix.len() <= NAME_MAX {
+        let mut v = b.to_vec();
+        v.extend_from_slice(suffix);
+        return OsString::from_vec(v);
+    }
+    OsString::from(format!(".{:016x}{}", fnv1a(b), files::BACKUP_SUFFIX))
+}
+
+/// FNV-1a: stable across builds and versions (the name of a backup must not change).
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The config name a backup belongs to: the name with the suffix removed, or for a derived
+/// one, the name (or the `.conf`/`.json` a `.conflist` in `names` was made from) it derives from.
+pub fn original_of_backup(backup: &OsStr, names: &[OsString]) -> Option<OsString> {
+    let b = backup.as_bytes();
+    let orig = b.strip_suffix(files::BACKUP_SUFFIX.as_bytes())?;
+    // A derived name (`.HASH` + suffix) has no config extension left once stripped.
+    if is_conf(OsStr::from_bytes(orig)) && backup_name(OsStr::from_bytes(orig)) == backup {
+        return Some(OsString::from_vec(orig.to_vec()));
+    }
+    names
+        .iter()
+        .flat_map(|n| {
+            let mut c = vec![n.clone()];
+            if is_list(n) {
+                for ext in [&b".conf"[..], b".json"] {
+                    let mut v = stem(n).to_vec();
+                    v.extend_from_slice(ext);
+                    c.push(OsString::from_vec(v));
+                }
+            }
+            c
+        })
+        .find(|n| backup_name(n) == backup)
+}
+
+/// libcni's `ConfFiles` + `sort.Strings`: every non-directory entry with a config extension,
+/// bytewise ordered. Names need not be UTF-8.
+pub fn conf_files(dir: &Path) -> io::Result<Vec<OsString>> {
+    let mut names: Vec<OsString> = std::fs::read_dir(dir)?
+        .flatten()
+        // Go's DirEntry.IsDir: the entry's own type (a symlink to a dir is not a dir).
+        .filter(|e| !e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name())
+        .filter(|n| is_conf(n))
+        .collect();
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+/// A name for logs (not necessarily UTF-8 on disk).
+pub fn show(name: &OsStr) -> String {
+    name.to_string_lossy().into_owned()
+}
+
+/// The primary as read once: everything decided and written comes from this version.
+struct Primary {
+    name: OsString,
+    conf: Conf,
+    version: Version,
+}
+
+/// What the conf dir offers.
+enum Found {
+    Primary(Primary),
+    /// No config file yet.
+    Nothing,
+    /// The runtime's first file is not a usable config (half-written, or broken): wait.
+    Invalid(OsString, String),
+}
+
+/// An inode we took out from under a config name, watched for late in-place writes.
+struct Displaced {
+    wd: WatchDescriptor,
+    file: File,
+    /// The name it was under, and whether we turned that `.conf` into a list.
+    name: OsString,
+    converted: bool,
+    /// Its content when last read.
+    bytes: Vec<u8>,
+    /// [`ConfDir::foreign`] when it was taken out.
+    foreign: u64,
+    until: Instant,
+}
+
+/// The conf dir side of the installer: our entry last in the primary, nowhere else.
+pub struct ConfDir {
+    pub dir: PathBuf,
+    /// `--conf-name`: this file instead of the runtime's first.
+    pub conf_name: Option<OsString>,
+    pub entry: Value,
+    /// The file our entry is in, once chained.
+    pub chained: Option<OsString>,
+    /// Why we are not chained, while waiting for a (valid) primary.
+    pub waiting: Option<String>,
+    /// What is under the primary's name as of our last look or write.
+    known: Option<(OsString, Version)>,
+    /// Versions found under the primary's name that we did not put there: the primary
+    /// plugin's writes, in the order we saw them.
+    foreign: u64,
+    displaced: Vec<Displaced>,
+    rewrites: VecDeque<Instant>,
+    reported: Option<(OsString, String)>,
+    waiting_logged: bool,
+}
+
+impl ConfDir {
+    pub fn new(dir: PathBuf, conf_name: Option<OsString>, entry: Value) -> ConfDir {
+        ConfDir {
+            dir,
+            conf_name,
+            entry,
+            chained: None,
+            waiting: None,
+            known: None,
+            foreign: 0,
+            displaced: Vec::new(),
+            rewrites: VecDeque::new(),
+            reported: None,
+            waiting_logged: false,
+        }
+    }
+
+    fn find_primary(&mut self) -> io::Result<Found> {
+        let names = match &self.conf_name {
+            // A single-plugin file we turned into a list lives on under the list's name.
+            Some(n) => std::iter::once(n.clone()).chain(list_twin(n)).collect(),
+            None => conf_files(&self.dir)?,
+        };
+        for name in names {
+            let path = self.dir.join(&name);
+            // The runtime reads through symlinks (refused later, when we would replace one).
+            let Ok((file, version)) = files::open_version(&path, true) else {
+                // Gone meanwhile, or not a regular file: the runtime fails on it the same way.
+                if self.conf_name.is_some() {
+                    continue;
+                }
+                return Ok(Found::Invalid(name, "not a readable regular file".into()));
+            };
+            drop(file);
+            return Ok(match conflist::parse(&version.bytes, is_list(&name)) {
+                Ok(conf) => Found::Primary(Primary {
+                    name,
+                    conf,
+                    version,
+                }),
+                Err(why) => Found::Invalid(name, why),
+            });
+        }
+        Ok(Found::Nothing)
+    }
+
+    /// Brings the dir to "our entry last in the primary, nowhere else". `Ok(false)`: waiting
+    /// (no primary, or an invalid one).
+    pub fn reconcile(&mut self, inotify: &Inotify) -> Result<bool, String> {
+        let dir = self.dir.clone();
+        let found = self
+            .find_primary()
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let p = match found {
+            Found::Primary(p) => p,
+            Found::Nothing => {
+                if !self.waiting_logged {
+                    log(
+                        "info",
+                        "waiting for a primary network config",
+                        json!({"dir": dir}),
+                    );
+                    self.waiting_logged = true;
+                }
+                self.chained = None;
+                self.waiting = Some("no primary network config yet".into());
+                return Ok(false);
+            }
+            Found::Invalid(name, why) => {
+                self.waiting = Some(format!(
+                    "the runtime's first network config {} is not valid ({why}): waiting for it",
+                    show(&name)
+                ));
+                let key = (name.clone(), why.clone());
+                if self.reported.as_ref() != Some(&key) {
+                    log(
+                        "warn",
+                        "the runtime's first network config is not valid: waiting for it (the \
+                         runtime does not load the dir either), touching no other file",
+                        json!({"file": show(&name), "error": why}),
+                    );
+                    self.reported = Some(key);
+                }
+                self.chained = None;
+                return Ok(false);
+            }
+        };
+        self.waiting_logged = false;
+        self.reported = None;
+        self.waiting = None;
+        if self
+            .known
+            .as_ref()
+            .is_none_or(|(n, v)| *n != p.name || *v != p.version)
+        {
+            self.foreign += 1;
+        }
+        let path = dir.join(&p.name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(format!(
+                "primary config {} is a symlink; refusing to replace it",
+                show(&p.name)
+            ));
+        }
+        let list = conflist::as_list(&p.conf);
+        // A chain mesh-redirect cannot speak would fail every pod's ADD on the node.
+        crate::protocol::negotiate_version(&list, crate::protocol::Command::Add).map_err(|e| {
+            format!(
+                "primary config {}: {}; not chaining into it",
+                show(&p.name),
+                e.msg
+            )
+        })?;
+        let target = match p.conf {
+            Conf::List(_) => p.name.clone(),
+            Conf::Single(_) => list_twin(&p.name).ok_or_else(|| {
+                format!(
+                    "cannot turn {} into a list: the .conflist name would be longer than {NAME_MAX} bytes",
+                    show(&p.name)
+                )
+            })?,
+        };
+        if matches!(p.conf, Conf::List(_)) && conflist::is_chained(&list, &self.entry) {
+            self.known = Some((p.name.clone(), p.version));
+            self.chained = Some(target.clone());
+            return self.unchain_others(&target).map(|()| true);
+        }
+        if target != p.name && dir.join(&target).exists() && !self.is_ours_converted(&target) {
+            return Err(format!(
+                "cannot turn {} into a list: {} exists and is not ours",
+                show(&p.name),
+                show(&target)
+            ));
+        }
+        let mode = files::mode_of(&path);
+        self.keep_backup(&p.name, &list, &p.version.bytes, mode)?;
+        let chained = conflist::render(&conflist::chain(&list, &self.entry));
+        if target == p.name {
+            self.replace(inotify, &p.name, p.version, chained, mode)?;
+        } else {
+            files::write_atomic(&dir, &target, &chained, mode)
+                .map_err(|e| format!("{}: {e}", show(&target)))?;
+            self.move_out(inotify, &p.name, &p.version)?;
+        }
+        let rewritten = self.chained.as_ref() == Some(&target);
+        log(
+            "info",
+            if rewritten {
+                "re-chained after the file was rewritten"
+            } else {
+                "chained"
+            },
+            json!({"file": show(&target)}),
+        );
+        if rewritten {
+            self.note_rewrite(&target);
+        }
+        self.chained = Some(target.clone());
+        self.unchain_others(&target)?;
+        Ok(true)
+    }
+
+    /// Keeps the primary plugin's own version (without our entry) to give back on uninstall.
+    fn keep_backup(
+        &self,
+        name: &OsStr,
+        list: &serde_json::Map<String, Value>,
+        bytes: &[u8],
+        mode: u32,
+    ) -> Result<(), String> {
+        if conflist::has_ours(list) {
+            return Ok(());
+        }
+        let backup = backup_name(name);
+        files::write_atomic(&self.dir, &backup, bytes, mode)
+            .map_err(|e| format!("{}: {e}", show(&backup)))
+    }
+
+    /// Puts `content` under `name`, where we read `read`, by exchange; while what comes out is
+    /// not what we expected there, it is a newer version: chain that (or put it back as it is,
+    /// if it is not a complete config) and exchange again.
+    fn replace(
+        &mut self,
+        inotify: &Inotify,
+        name: &OsStr,
+        read: Version,
+        content: Vec<u8>,
+        mode: u32,
+    ) -> Result<(), String> {
+        let dir = self.dir.clone();
+        let err = |e: io::Error| format!("{}: {e}", show(name));
+        let mut expected = read;
+        let mut content = content;
+        for _ in 0..MAX_ROUNDS {
+            let (tmp, placed) = files::write_temp(&dir, &content, mode).map_err(err)?;
+            match files::exchange(&dir, &tmp, name) {
+                Ok(()) => {}
+                Err(e) => {
+                    let _ = std::fs::remove_file(dir.join(&tmp));
+                    // Removed meanwhile: its own event brings us back.
+                    if e.kind() == io::ErrorKind::NotFound {
+                        return Ok(());
+                    }
+                    return Err(err(e));
+                }
+            }
+            let out = self.take_out(inotify, &tmp, name, false);
+            self.known = Some((name.to_owned(), placed.clone()));
+            let Some(out) = out else {
+                return Err(format!(
+                    "{}: the file displaced while chaining is not a regular file",
+                    show(name)
+                ));
+            };
+            if out == expected {
+                return Ok(());
+            }
+            // Newer than what we read: renamed over the name, or written in place, meanwhile.
+            self.foreign += 1;
+            content = match conflist::parse(&out.bytes, is_list(name)) {
+                Ok(conf) => {
+                    let list = conflist::as_list(&conf);
+                    if conflist::is_chained(&list, &self.entry) {
+                        out.bytes.clone()
+                    } else {
+                        self.keep_backup(name, &list, &out.bytes, mode)?;
+                        conflist::render(&conflist::chain(&list, &self.entry))
+                    }
+                }
+                // Not complete yet (its writer is still at it, and its inode is watched), or
+                // broken: put it back as written rather than hide it under an older version.
+                Err(_) => out.bytes.clone(),
+            };
+            expected = placed;
+        }
+        log(
+            "warn",
+            "the primary network config keeps changing while being chained: continuing on its next change",
+            json!({"file": show(name)}),
+        );
+        Ok(())
+    }
+
+    /// Removes a `.conf` we turned into a list, if it still holds what we read: moved out by
+    /// rename first, so a newer version renamed over it meanwhile is put back, not deleted.
+    fn move_out(&mut self, inotify: &Inotify, name: &OsStr, read: &Version) -> Result<(), String> {
+        let dir = self.dir.clone();
+        let tmp = files::temp_name();
+        match std::fs::rename(dir.join(name), dir.join(&tmp)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}", show(name))),
+        }
+        match self.take_out(inotify, &tmp, name, true) {
+            Some(out) if out != *read => self.put_back(name, &out.bytes),
+            _ => Ok(()),
+        }
+    }
+
+    /// Restores `bytes` under `name` unless something (newer) is already there.
+    fn put_back(&self, name: &OsStr, bytes: &[u8]) -> Result<(), String> {
+        files::write_new(&self.dir, name, bytes, 0o644).or_else(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Ok(())
+            } else {
+                Err(format!("{}: {e}", show(name)))
+            }
+        })
+    }
+
+    /// Reads the inode now at `tmp` (taken out from under `name`), watches it for a while,
+    /// and unlinks the name. `None` if it is not a regular file (then it is left at `tmp`).
+    fn take_out(
+        &mut self,
+        inotify: &Inotify,
+        tmp: &OsStr,
+        name: &OsStr,
+        converted: bool,
+    ) -> Option<Version> {
+        let path = self.dir.join(tmp);
+        // Watch before reading: a write after the read then still raises an event.
+        let wd = inotify
+            .add_watch(
+                &path,
+                AddWatchFlags::IN_MODIFY
+                    | AddWatchFlags::IN_CLOSE_WRITE
+                    | AddWatchFlags::IN_DONT_FOLLOW,
+            )
+            .ok();
+        let opened = files::open_version(&path, false);
+        let _ = std::fs::remove_file(&path);
+        match (opened, wd) {
+            (Ok((file, version)), Some(wd)) => {
+                self.expire(inotify, Instant::now());
+                if self.displaced.len() >= DISPLACED_MAX {
+                    let d = self.displaced.remove(0);
+                    let _ = inotify.rm_watch(d.wd);
+                }
+                self.displaced.push(Displaced {
+                    wd,
+                    file,
+                    name: name.to_owned(),
+                    converted,
+                    bytes: version.bytes.clone(),
+                    foreign: self.foreign,
+                    until: Instant::now() + DISPLACED_FOR,
+                });
+                Some(version)
+            }
+            (Ok((_, version)), None) => Some(version),
+            (Err(_), wd) => {
+                if let Some(wd) = wd {
+                    let _ = inotify.rm_watch(wd);
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether `wd` watches a displaced inode.
+    pub fn watches(&self, wd: WatchDescriptor) -> bool {
+        self.displaced.iter().any(|d| d.wd == wd)
+    }
+
+    /// A displaced inode was written: if its content changed, that is the primary's newest
+    /// version (its writer had it open across our swap); chain it now.
+    pub fn on_displaced_write(
+        &mut self,
+        inotify: &Inotify,
+        wd: WatchDescriptor,
+    ) -> Result<(), String> {
+        let Some(i) = self.displaced.iter().position(|d| d.wd == wd) else {
+            return Ok(());
+        };
+        let Ok(bytes) = files::read_all_at(&self.displaced[i].file) else {
+            return Ok(());
+        };
+        if bytes == self.displaced[i].bytes {
+            return Ok(());
+        }
+        self.displaced[i].bytes = bytes.clone();
+        let (name, converted) = (self.displaced[i].name.clone(), self.displaced[i].converted);
+        // A writer that had this inode open writes into it before it opens the name again:
+        // if a version of its has reached the name since we took this one out, that version
+        // is the newer one (and is chained already).
+        if self.foreign != self.displaced[i].foreign {
+            return Ok(());
+        }
+        let Ok(conf) = conflist::parse(&bytes, is_list(&name)) else {
+            // Half-written: its close brings us back.
+            return Ok(());
+        };
+        log(
+            "info",
+            "the primary plugin wrote into the file we had just replaced: chaining that version",
+            json!({"file": show(&name)}),
+        );
+        if converted {
+            // The `.conf` comes back; the next look turns it into the list again.
+            return self.put_back(&name, &bytes);
+        }
+        let path = self.dir.join(&name);
+        let mode = files::mode_of(&path);
+        let expected = match &self.known {
+            Some((n, v)) if *n == name => v.clone(),
+            _ => match files::open_version(&path, false) {
+                Ok((_, v)) => v,
+                Err(_) => return self.put_back(&name, &bytes),
+            },
+        };
+        let list = conflist::as_list(&conf);
+        self.keep_backup(&name, &list, &bytes, mode)?;
+        let chained = conflist::render(&conflist::chain(&list, &self.entry));
+        self.replace(inotify, &name, expected, chained, mode)
+    }
+
+    /// Stops watching displaced inodes whose time is up.
+    pub fn expire(&mut self, inotify: &Inotify, now: Instant) {
+        self.displaced.retain(|d| {
+            let keep = d.until > now;
+            if !keep {
+                let _ = inotify.rm_watch(d.wd);
+            }
+            keep
+        });
+    }
+
+    /// Whether displaced inodes are still watched (the caller then wakes up to expire them).
+    pub fn watching(&self) -> bool {
+        !self.displaced.is_empty()
+    }
+
+    /// Whether `target` (a `.conflist`) is the one we made from a `.conf`.
+    fn is_ours_converted(&self, target: &OsStr) -> bool {
+        let names = conf_files(&self.dir).unwrap_or_default();
+        let has_backup = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| original_of_backup(&e.file_name(), &names))
+            .any(|orig| list_twin(&orig).as_deref() == Some(target) && orig != target);
+        has_backup
+            && files::read_regular(&self.dir.join(target))
+                .ok()
+                .and_then(|b| conflist::parse(&b, true).ok())
+                .is_some_and(|c| conflist::has_ours(&conflist::as_list(&c)))
+    }
+
+    /// Another component rewrote our file: fine once, a fight if it keeps happening.
+    fn note_rewrite(&mut self, file: &OsStr) {
+        let now = Instant::now();
+        self.rewrites.push_back(now);
+        while self
+            .rewrites
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > FLAP_WINDOW)
+        {
+            self.rewrites.pop_front();
+        }
+        if self.rewrites.len() >= FLAP_LIMIT {
+            log(
+                "warn",
+                "flapping: another component keeps rewriting the network config without mesh-redirect",
+                json!({"file": show(file), "rewrites": self.rewrites.len(), "windowSeconds": FLAP_WINDOW.as_secs()}),
+            );
+            self.rewrites.clear();
+        }
+    }
+
+    /// Rewrites (re-chains) within the last minute: how often the primary fights us.
+    pub fn recent_rewrites(&self) -> usize {
+        let now = Instant::now();
+        self.rewrites
+            .iter()
+            .filter(|t| now.duration_since(**t) <= FLAP_WINDOW)
+            .count()
+    }
+
+    fn unchain_others(&mut self, keep: &OsStr) -> Result<(), String> {
+        unchain_dir(&self.dir, Some(keep))
+    }
+}
+
+/// Removes our entries from the conf dir's files (except `keep`), giving back the original
+/// bytes where we kept them and the file is otherwise unchanged; restores `.conf` files we
+/// turned into lists.
+pub fn unchain_dir(dir: &Path, keep: Option<&OsStr>) -> Result<(), String> {
+    let err = |n: &OsStr, e: io::Error| format!("{}: {e}", show(n));
+    let names = conf_files(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Backups first: they say which files we changed and what they were.
+    let backups: Vec<OsString> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.as_bytes().ends_with(files::BACKUP_SUFFIX.as_bytes()))
+        .collect();
+    for backup in backups {
+        let Some(orig) = original_of_backup(&backup, &names) else {
+            log(
+                "warn",
+                "a backup whose config is gone is left in place",
+                json!({"file": show(&backup)}),
+            );
+            continue;
+        };
+        let current = if dir.join(&orig).exists() {
+            orig.clone()
+        } else {
+            list_twin(&orig).unwrap_or_else(|| orig.clone())
+        };
+        if Some(current.as_os_str()) == keep {
+            continue;
+        }
+        let saved = files::read_regular(&dir.join(&backup)).map_err(|e| err(&backup, e))?;
+        if let Ok(now) = files::read_regular(&dir.join(&current))
+            && let Ok(now) = conflist::parse(&now, is_list(&current))
+        {
+            let now = conflist::as_list(&now);
+            let saved_list = conflist::parse(&saved, is_list(&orig)).map(|c| conflist::as_list(&c));
+            let mode = files::mode_of(&dir.join(&current));
+            if saved_list
+                .as_ref()
+                .is_ok_and(|s| *s == conflist::unchain(&now))
+            {
+                // Unchanged but for us: the original bytes, under the original name.
+                files::write_atomic(dir, &orig, &saved, mode).map_err(|e| err(&orig, e))?;
+                if current != orig {
+                    std::fs::remove_file(dir.join(&current)).map_err(|e| err(&current, e))?;
+                }
+            } else if conflist::has_ours(&now) {
+                files::write_atomic(
+                    dir,
+                    &current,
+                    &conflist::render(&conflist::unchain(&now)),
+                    mode,
+                )
+                .map_err(|e| err(&current, e))?;
+            }
+        }
+        std::fs::remove_file(dir.join(&backup)).map_err(|e| err(&backup, e))?;
+        log(
+            "info",
+            "removed mesh-redirect from a network config",
+            json!({"file": show(&orig)}),
+        );
+    }
+    // Entries without a backup (e.g. written by hand or by an older installer).
+    for name in conf_files(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        if Some(name.as_os_str()) == keep {
+            continue;
+        }
+        let Ok(bytes) = files::read_regular(&dir.join(&name)) else {
+            continue;
+        };
+        if let Ok(c) = conflist::parse(&bytes, is_list(&name)) {
+            let list = conflist::as_list(&c);
+            if matches!(c, Conf::List(_)) && conflist::has_ours(&list) {
+                let mode = files::mode_of(&dir.join(&name));
+                files::write_atomic(
+                    dir,
+                    &name,
+                    &conflist::render(&conflist::unchain(&list)),
+                    mode,
+                )
+                .map_err(|e| err(&name, e))?;
+                log(
+                    "info",
+                    "removed mesh-redirect from a network config",
+                    json!({"file": show(&name)}),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(b: &[u8]) -> OsString {
+        OsString::from_vec(b.to_vec())
+    }
+
+    #[test]
+    fn extensions_are_gos_filepath_ext() {
+        assert_eq!(go_ext(b"10-bridge.conf"), b".conf");
+        assert_eq!(go_ext(b".conflist"), b".conflist");
+        assert_eq!(go_ext(b"a.b.json"), b".json");
+        assert_eq!(go_ext(b"noext"), b"");
+        assert!(is_conf(&os(b".conflist")));
+        assert!(is_conf(&os(b"00-\xff.conflist")));
+        assert!(!is_conf(&os(b"10-bridge.conf.mesh-redirect-orig")));
+        assert!(!is_conf(&os(b".mesh-redirect-tmp-1-2")));
+        assert!(is_list(&os(b"x.conflist")) && !is_list(&os(b"x.conf")));
+        assert_eq!(
+            list_twin(&os(b"10-bridge.conf")),
+            Some(os(b"10-bridge.conflist"))
+        );
+        assert_eq!(list_twin(&os(b".conf")), Some(os(b".conflist")));
+        let long = [b'a'; 250]
+            .iter()
+            .chain(b".conf")
+            .copied()
+            .collect::<Vec<_>>();
+        assert_eq!(list_twin(&os(&long)), None, "255 + 4 bytes do not fit");
+    }
+
+    #[test]
+    fn backup_names_always_fit_and_lead_back() {
+        let short = os(b"10-bridge.conflist");
+        assert_eq!(
+            backup_name(&short),
+            os(b"10-bridge.conflist.mesh-redirect-orig")
+        );
+        assert_eq!(
+            original_of_backup(&backup_name(&short), &[]),
+            Some(short.clone())
+        );
+        let long: Vec<u8> = [b'x'; 240].iter().chain(b".conflist").copied().collect();
+        let long = os(&long);
+        let b = backup_name(&long);
+        assert!(b.len() <= NAME_MAX && !is_conf(&b), "{b:?}");
+        assert_eq!(
+            original_of_backup(&b, std::slice::from_ref(&long)),
+            Some(long.clone())
+        );
+        // A long .conf turned into a list: found from the list's name.
+        let conf: Vec<u8> = [b'y'; 240].iter().chain(b".conf").copied().collect();
+        let conf = os(&conf);
+        let twin = list_twin(&conf).unwrap();
+        assert_eq!(original_of_backup(&backup_name(&conf), &[twin]), Some(conf));
+        assert_eq!(original_of_backup(&os(b"unrelated"), &[]), None);
+    }
+}
