@@ -641,6 +641,7 @@ impl Policy {
             namespace: Some("default"),
             name: Some("web-0"),
             annotations: Some(&ann),
+            ipv6: false,
         };
         let rs = match policy::decide(&PluginConfig::default(), &pod) {
             Ok(Decision::Capture(p)) => ruleset::build(&p),
@@ -2148,6 +2149,7 @@ fn section_profile(o: &Opts) -> bool {
             namespace: Some("default"),
             name: Some("web-0"),
             annotations: ann.as_ref(),
+            ipv6: false,
         };
         let rs = match policy::decide(&cfg, &pod) {
             Ok(Decision::Capture(p)) => ruleset::build(&p),

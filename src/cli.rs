@@ -156,6 +156,7 @@ fn plan(args: &[String]) -> Result<(), CliError> {
         namespace: namespace.as_deref(),
         name: None,
         annotations: Some(&ann),
+        ipv6: false,
     };
     match policy::decide(&cfg, &pod)
         .map_err(|e| CliError::Failed(format!("{} (CNI code {})", e.msg, e.code)))?

@@ -1,6 +1,8 @@
 //! The plugin's own configuration (its conflist entry) and the pod annotations the runtime
 //! passes in `runtimeConfig`, read from the stdin network configuration (SPEC §3).
 
+use crate::policy::Ports;
+pub use crate::policy::profiles::Mesh;
 use crate::protocol::{CniError, code, json_kind};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -11,12 +13,6 @@ pub const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 
 /// Pod annotations, name → value.
 pub type Annotations = BTreeMap<String, String>;
-
-/// Which mesh's annotation names and defaults apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mesh {
-    Istio,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
@@ -42,12 +38,19 @@ impl LogLevel {
 pub struct PluginConfig {
     pub mesh: Mesh,
     pub proxy_uid: u32,
-    pub proxy_gid: u32,
+    /// `None`: no rule by the proxy's group.
+    pub proxy_gid: Option<u32>,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub exclude_namespaces: Vec<String>,
     pub capture_dns: bool,
     pub dns_port: u16,
+    /// Capture IPv6 too.
+    pub ipv6: bool,
+    /// Inbound ports never captured, besides the profile's own.
+    pub exclude_inbound_ports: Ports,
+    /// Outbound ports not captured unless an annotation replaces the list.
+    pub exclude_outbound_ports: Ports,
     pub log_file: Option<PathBuf>,
     pub log_level: LogLevel,
 }
@@ -55,15 +58,26 @@ pub struct PluginConfig {
 impl Default for PluginConfig {
     /// The istio profile's defaults.
     fn default() -> Self {
+        PluginConfig::for_mesh(Mesh::Istio)
+    }
+}
+
+impl PluginConfig {
+    /// A profile's defaults.
+    pub fn for_mesh(mesh: Mesh) -> PluginConfig {
+        let d = &mesh.profile().defaults;
         PluginConfig {
-            mesh: Mesh::Istio,
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            outbound_port: 15001,
-            inbound_port: 15006,
-            exclude_namespaces: vec!["kube-system".to_string()],
+            mesh,
+            proxy_uid: d.proxy_uid,
+            proxy_gid: d.proxy_gid,
+            outbound_port: d.outbound_port,
+            inbound_port: d.inbound_port,
+            exclude_namespaces: d.exclude_namespaces.iter().map(|s| s.to_string()).collect(),
             capture_dns: false,
-            dns_port: 15053,
+            dns_port: d.dns_port,
+            ipv6: d.ipv6,
+            exclude_inbound_ports: Ports::default(),
+            exclude_outbound_ports: Ports::of(d.excluded_outbound),
             log_file: None,
             log_level: LogLevel::Info,
         }
@@ -113,18 +127,20 @@ impl PluginConfig {
     /// Reads the plugin's keys from its conflist entry. Unknown keys are ignored (other plugins
     /// and the runtime put their own keys there); a known key with a bad value is code 7.
     pub fn from_conf(conf: &Map<String, Value>) -> Result<PluginConfig, CniError> {
-        let d = PluginConfig::default();
         let mesh = match get_str(conf, "mesh")? {
-            None | Some("istio") => Mesh::Istio,
-            Some(other) => {
-                return Err(CniError::new(
+            None => Mesh::Istio,
+            Some(name) => Mesh::from_name(name).ok_or_else(|| {
+                let known: Vec<&str> = Mesh::ALL.iter().map(|m| m.name()).collect();
+                CniError::new(
                     code::INVALID_CONFIG,
                     format!(
-                        "config key \"mesh\": profile {other:?} is not supported (supported: \"istio\")"
+                        "config key \"mesh\": profile {name:?} is not supported (supported: {})",
+                        known.join(", ")
                     ),
-                ));
-            }
+                )
+            })?,
         };
+        let d = PluginConfig::for_mesh(mesh);
         let exclude_namespaces = match conf.get("excludeNamespaces") {
             None => d.exclude_namespaces,
             Some(Value::Array(items)) => items
@@ -141,11 +157,16 @@ impl PluginConfig {
                 .collect::<Result<_, _>>()?,
             Some(v) => return Err(invalid("excludeNamespaces", "an array of strings", v)),
         };
-        let capture_dns = match conf.get("captureDNS") {
-            None => d.capture_dns,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => return Err(invalid("captureDNS", "true or false", v)),
-        };
+        let capture_dns = get_bool(conf, "captureDNS", d.capture_dns)?;
+        if capture_dns && !mesh.profile().defaults.dns {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "config key \"captureDNS\": the {} proxy answers no DNS",
+                    mesh.name()
+                ),
+            ));
+        }
         let log_level = match get_str(conf, "logLevel")? {
             None => d.log_level,
             Some("debug") => LogLevel::Debug,
@@ -171,18 +192,59 @@ impl PluginConfig {
                 ));
             }
         };
+        let proxy_gid = match conf.get("proxyGID") {
+            None => d.proxy_gid,
+            Some(Value::Null) => None,
+            Some(_) => Some(get_u32(conf, "proxyGID", 0)?),
+        };
         Ok(PluginConfig {
             mesh,
             proxy_uid: get_u32(conf, "proxyUID", d.proxy_uid)?,
-            proxy_gid: get_u32(conf, "proxyGID", d.proxy_gid)?,
+            proxy_gid,
             outbound_port: get_port(conf, "outboundPort", d.outbound_port)?,
             inbound_port: get_port(conf, "inboundPort", d.inbound_port)?,
             exclude_namespaces,
             capture_dns,
             dns_port: get_port(conf, "dnsPort", d.dns_port)?,
+            ipv6: get_bool(conf, "ipv6", d.ipv6)?,
+            exclude_inbound_ports: get_ports(conf, "excludeInboundPorts", d.exclude_inbound_ports)?,
+            exclude_outbound_ports: get_ports(
+                conf,
+                "excludeOutboundPorts",
+                d.exclude_outbound_ports,
+            )?,
             log_file,
             log_level,
         })
+    }
+}
+
+fn get_bool(conf: &Map<String, Value>, key: &str, default: bool) -> Result<bool, CniError> {
+    match conf.get(key) {
+        None => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(invalid(key, "true or false", v)),
+    }
+}
+
+/// A port list key: an array of ports (numbers) and `"LOW-HIGH"` ranges (strings).
+fn get_ports(conf: &Map<String, Value>, key: &str, default: Ports) -> Result<Ports, CniError> {
+    let want = "an array of ports 1..65535 and \"LOW-HIGH\" ranges";
+    match conf.get(key) {
+        None => Ok(default),
+        Some(Value::Array(items)) => {
+            let mut text = Vec::new();
+            for i in items {
+                match i {
+                    Value::Number(n) => text.push(n.to_string()),
+                    Value::String(s) => text.push(s.clone()),
+                    _ => return Err(invalid(key, want, &Value::Array(items.clone()))),
+                }
+            }
+            crate::policy::lists::ports(key, &text.join(","), true)
+                .map_err(|_| invalid(key, want, &Value::Array(items.clone())))
+        }
+        Some(v) => Err(invalid(key, want, v)),
     }
 }
 
@@ -243,7 +305,7 @@ mod tests {
     fn defaults_are_the_istio_profile() {
         let c = PluginConfig::from_conf(&obj(json!({"type": "mesh-redirect"}))).unwrap();
         assert_eq!(c, PluginConfig::default());
-        assert_eq!((c.proxy_uid, c.proxy_gid), (1337, 1337));
+        assert_eq!((c.proxy_uid, c.proxy_gid), (1337, Some(1337)));
         assert_eq!((c.outbound_port, c.inbound_port), (15001, 15006));
         assert_eq!(c.exclude_namespaces, vec!["kube-system"]);
         assert_eq!((c.capture_dns, c.dns_port), (false, 15053));
@@ -257,13 +319,39 @@ mod tests {
             "dnsPort": 5353, "logFile": "/var/log/x.log", "logLevel": "debug"
         })))
         .unwrap();
-        assert_eq!((c.proxy_uid, c.proxy_gid), (1000, 2000));
+        assert_eq!((c.proxy_uid, c.proxy_gid), (1000, Some(2000)));
         assert_eq!((c.outbound_port, c.inbound_port), (1, 65535));
         assert_eq!(c.exclude_namespaces, vec!["a", "b"]);
         assert!(c.capture_dns);
         assert_eq!(c.dns_port, 5353);
         assert_eq!(c.log_file, Some(PathBuf::from("/var/log/x.log")));
         assert_eq!(c.log_level, LogLevel::Debug);
+    }
+
+    #[test]
+    fn profiles_bring_their_defaults_and_the_entry_overrides_them() {
+        let c = PluginConfig::from_conf(&obj(json!({"mesh": "linkerd"}))).unwrap();
+        assert_eq!(c.mesh, Mesh::Linkerd);
+        assert_eq!((c.proxy_uid, c.proxy_gid), (2102, None));
+        assert_eq!((c.outbound_port, c.inbound_port), (4140, 4143));
+        assert!(!c.ipv6 && c.exclude_outbound_ports.is_empty());
+        let c = PluginConfig::from_conf(&obj(json!({"mesh": "linkerd", "ipv6": true,
+            "proxyGID": 2103, "excludeOutboundPorts": [443, "6000-6010"]})))
+        .unwrap();
+        assert!(c.ipv6);
+        assert_eq!(c.proxy_gid, Some(2103));
+        assert_eq!(
+            c.exclude_outbound_ports.ranges(),
+            &[(443, 443), (6000, 6010)]
+        );
+        let c = PluginConfig::from_conf(&obj(json!({"mesh": "kuma"}))).unwrap();
+        assert_eq!((c.proxy_uid, c.proxy_gid), (5678, None));
+        assert_eq!(
+            (c.outbound_port, c.inbound_port, c.dns_port),
+            (15001, 15006, 15053)
+        );
+        let c = PluginConfig::from_conf(&obj(json!({"proxyGID": null}))).unwrap();
+        assert_eq!(c.proxy_gid, None);
     }
 
     #[test]
@@ -282,7 +370,11 @@ mod tests {
             (json!({"captureDNS": "yes"}), "captureDNS"),
             (json!({"logLevel": "loud"}), "logLevel"),
             (json!({"logFile": "relative.log"}), "logFile"),
-            (json!({"mesh": "linkerd"}), "mesh"),
+            (json!({"mesh": "consul"}), "mesh"),
+            (json!({"mesh": "linkerd", "captureDNS": true}), "captureDNS"),
+            (json!({"ipv6": "yes"}), "ipv6"),
+            (json!({"excludeOutboundPorts": [0]}), "excludeOutboundPorts"),
+            (json!({"excludeInboundPorts": "80"}), "excludeInboundPorts"),
         ] {
             let e = PluginConfig::from_conf(&obj(conf.clone())).unwrap_err();
             assert_eq!(e.code, code::INVALID_CONFIG, "{conf}");

@@ -8,8 +8,9 @@
 
 use crate::nft_text;
 use crate::nftnl_ext::{
-    self, CtZoneSet, Elem, Exclusive, KeyType, Lookup, NamedSet, Redir, SetElems, Tproxy,
+    self, CtZoneSet, Elem, Exclusive, HtonU32, KeyType, Lookup, NamedSet, Redir, SetElems, Tproxy,
 };
+use crate::policy::Passthrough6;
 use crate::route::{self, Obj, Routing, Rtnl};
 use crate::ruleset::{
     Action, ChainKind, Cmp, Elems, Family, HookPoint, L4, Match, Rule as IrRule, Ruleset, TABLE,
@@ -88,6 +89,15 @@ pub fn encode_elems(e: &Elems) -> (KeyType, bool, Vec<Elem>) {
                     interval_end: false,
                 })
                 .collect(),
+        ),
+        Elems::PortRanges(ranges) => (
+            KeyType::InetService,
+            true,
+            intervals(
+                ranges.iter().map(|&(a, b)| (a as u128, b as u128)),
+                u16::MAX as u128,
+                2,
+            ),
         ),
         Elems::Ifnames(names) => (
             KeyType::Ifname,
@@ -188,14 +198,15 @@ fn addr_payload(a: &IpAddr, src: bool) -> Payload {
     })
 }
 
+fn unspecified(f: Family) -> IpAddr {
+    match f {
+        Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
 fn daddr_payload(f: Family) -> Payload {
-    addr_payload(
-        &match f {
-            Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-        },
-        false,
-    )
+    addr_payload(&unspecified(f), false)
 }
 
 /// `th dport`: TCP and UDP keep the destination port at the same offset.
@@ -239,6 +250,18 @@ fn compile_rule<'c>(chain: &'c Chain<'c>, r: &IrRule, ids: &SetIds) -> Rule<'c> 
                 });
                 cmp_bytes(&mut rule, Cmp::Eq, &ifname_key(n));
             }
+            Match::IifnamePrefix(p) | Match::OifnamePrefix(p) => {
+                // An empty prefix (`+` alone) matches every interface: no condition at all.
+                if !p.is_empty() {
+                    rule.add_expr(if matches!(m, Match::IifnamePrefix(_)) {
+                        &Meta::IifName
+                    } else {
+                        &Meta::OifName
+                    });
+                    // Comparing only the prefix's bytes (no NUL) is a wildcard match.
+                    cmp_bytes(&mut rule, Cmp::Eq, p.as_bytes());
+                }
+            }
             Match::IifnameIn(s) | Match::OifnameIn(s) => {
                 rule.add_expr(if matches!(m, Match::IifnameIn(_)) {
                     &Meta::IifName
@@ -258,6 +281,27 @@ fn compile_rule<'c>(chain: &'c Chain<'c>, r: &IrRule, ids: &SetIds) -> Rule<'c> 
             Match::DaddrIn(f, s) => {
                 rule.add_expr(&daddr_payload(*f));
                 rule.add_expr(&lookup(ids, s));
+            }
+            Match::SaddrIn(f, s) => {
+                rule.add_expr(&addr_payload(&unspecified(*f), true));
+                rule.add_expr(&lookup(ids, s));
+            }
+            Match::DportRange(lo, hi) => {
+                rule.add_expr(&dport_payload());
+                rule.add_expr(&expr::Cmp::new(CmpOp::Gte, &lo.to_be_bytes()[..]));
+                rule.add_expr(&expr::Cmp::new(CmpOp::Lte, &hi.to_be_bytes()[..]));
+            }
+            Match::SkUidRange(lo, hi) => {
+                rule.add_expr(&Meta::SkUid);
+                rule.add_expr(&HtonU32);
+                rule.add_expr(&expr::Cmp::new(CmpOp::Gte, &lo.to_be_bytes()[..]));
+                rule.add_expr(&expr::Cmp::new(CmpOp::Lte, &hi.to_be_bytes()[..]));
+            }
+            Match::CtInvalid => {
+                rule.add_expr(&expr::Conntrack::State);
+                let bits = expr::States::INVALID.bits();
+                rule.add_expr(&expr::Bitwise::new(bits, 0u32));
+                cmp_bytes(&mut rule, Cmp::Ne, &0u32.to_ne_bytes());
             }
             Match::Dport(c, p) => {
                 rule.add_expr(&dport_payload());
@@ -305,6 +349,7 @@ fn compile_rule<'c>(chain: &'c Chain<'c>, r: &IrRule, ids: &SetIds) -> Rule<'c> 
     match &r.action {
         Action::Return => rule.add_expr(&Verdict::Return),
         Action::Accept => rule.add_expr(&Verdict::Accept),
+        Action::Drop => rule.add_expr(&Verdict::Drop),
         Action::Jump(c) => rule.add_expr(&Verdict::Jump { chain: cstring(c) }),
         Action::Redirect(port) => {
             rule.add_expr(&Immediate::new(port.to_be_bytes(), Register::Reg1));
@@ -486,8 +531,8 @@ fn table_flag_names(flags: u32) -> String {
     names.join(",")
 }
 
-/// The netfilter socket of one network namespace, and its rtnetlink socket when the policy
-/// routing of TPROXY is involved.
+/// The netfilter socket of one network namespace, and its rtnetlink socket when TPROXY's
+/// policy routing or `::6` on `lo` is involved.
 pub struct Kernel {
     sock: nftnl_ext::Socket,
     routing: Option<RoutingSocket>,
@@ -496,6 +541,27 @@ pub struct Kernel {
 struct RoutingSocket {
     rtnl: Rtnl,
     ipv6: bool,
+}
+
+/// What rtnetlink objects a ruleset wants beside its table.
+fn rtnl_objects(rs: &Ruleset, ipv6: bool) -> (Routing, Vec<Obj>) {
+    let r = rs.routing.unwrap_or(Routing {
+        mark: crate::ruleset::TPROXY_MARK,
+        table: crate::ruleset::TPROXY_TABLE,
+    });
+    let mut objs = match rs.routing {
+        Some(r) => r.objects(ipv6),
+        None => Vec::new(),
+    };
+    let want6 = match rs.passthrough6 {
+        Passthrough6::No => false,
+        Passthrough6::Yes => true,
+        Passthrough6::IfIpv6Enabled => ipv6,
+    };
+    if want6 {
+        objs.push(Obj::Passthrough6);
+    }
+    (r, objs)
 }
 
 impl Kernel {
@@ -525,18 +591,19 @@ impl Kernel {
         })
     }
 
-    /// Adds the routing objects; on failure removes the ones this call added.
+    /// Adds the rtnetlink objects; on failure removes the ones this call added.
     /// Returns the ones it added (for rolling back if what follows fails).
-    fn add_routing(&mut self, r: &Routing) -> Result<Vec<Obj>, KernelError> {
-        let rs = self.routing_socket()?;
+    fn add_routing(&mut self, rs: &Ruleset) -> Result<(Routing, Vec<Obj>), KernelError> {
+        let sock = self.routing_socket()?;
+        let (r, objs) = rtnl_objects(rs, sock.ipv6);
         let mut added = Vec::new();
-        for o in r.objects(rs.ipv6) {
-            match rs.rtnl.add(r, o) {
+        for o in objs {
+            match sock.rtnl.add(&r, o) {
                 Ok(true) => added.push(o),
                 Ok(false) => {}
                 Err(err) => {
                     for a in added.iter().rev() {
-                        let _ = rs.rtnl.del(r, *a);
+                        let _ = sock.rtnl.del(&r, *a);
                     }
                     let mut what = r.describe(o);
                     if err.raw_os_error() == Some(libc::ENETDOWN) {
@@ -546,7 +613,7 @@ impl Kernel {
                 }
             }
         }
-        Ok(added)
+        Ok((r, added))
     }
 
     /// Best effort, newest first: used to undo, where the first error is already reported.
@@ -574,15 +641,16 @@ impl Kernel {
     /// the routing this call added is removed again, and if the routing is refused, the table
     /// is not touched.
     pub fn replace(&mut self, rs: &Ruleset) -> Result<(), KernelError> {
-        let added = match &rs.routing {
-            Some(r) => self.add_routing(r)?,
-            None => Vec::new(),
+        let added = if rs.needs_rtnetlink() {
+            Some(self.add_routing(rs)?)
+        } else {
+            None
         };
         let res = self.install(rs);
         if res.is_err()
-            && let Some(r) = &rs.routing
+            && let Some((r, objs)) = &added
         {
-            self.remove_routing(r, &added);
+            self.remove_routing(r, objs);
         }
         res
     }
@@ -601,31 +669,37 @@ impl Kernel {
         self.send(&replace_batch(rs, Replace::Replace))
     }
 
-    /// Deletes the table if it exists, and `routing`'s objects (the ::6 address only with
-    /// `with_address`). Idempotent. Returns whether there was a table.
+    /// Deletes the table if it exists, `routing`'s objects, and `::6` on `lo` if it carries
+    /// our mark (we added it). Idempotent. Returns whether there was a table.
     ///
     /// Asks first: a commit, even an empty-handed one, makes closing the socket wait for an
     /// RCU grace period (the kernel flushes its transaction-destroy work on socket release),
     /// which DEL of an uncaptured pod need not pay.
-    pub fn delete(
-        &mut self,
-        routing: Option<&Routing>,
-        with_address: bool,
-    ) -> Result<bool, KernelError> {
+    pub fn delete(&mut self, routing: Option<&Routing>) -> Result<bool, KernelError> {
         let existed = self.table_exists()?;
         if existed {
             self.send(&delete_batch())?;
         }
-        if let Some(r) = routing {
+        if self.routing.is_some() {
             let rs = self.routing_socket()?;
-            for o in r.objects(rs.ipv6).into_iter().rev() {
-                if o == Obj::Passthrough6 && !with_address {
-                    continue;
-                }
-                rs.rtnl.del(r, o).map_err(|err| KernelError::Refused {
+            let objs = routing.map(|r| r.objects(rs.ipv6)).unwrap_or_default();
+            let r = routing.copied().unwrap_or(Routing {
+                mark: crate::ruleset::TPROXY_MARK,
+                table: crate::ruleset::TPROXY_TABLE,
+            });
+            for o in objs.into_iter().rev() {
+                rs.rtnl.del(&r, o).map_err(|err| KernelError::Refused {
                     what: format!("removing {}", r.describe(o)),
                     err,
                 })?;
+            }
+            if rs.ipv6 && rs.rtnl.passthrough6()? == Some(true) {
+                rs.rtnl
+                    .del(&r, Obj::Passthrough6)
+                    .map_err(|err| KernelError::Refused {
+                        what: format!("removing {}", route::describe_passthrough6()),
+                        err,
+                    })?;
             }
         }
         Ok(existed)
@@ -704,10 +778,11 @@ impl Kernel {
             }
         }
         self.diff_rules(rs, &mut diffs)?;
-        if let Some(r) = &rs.routing {
-            let rs = self.routing_socket()?;
-            for o in r.objects(rs.ipv6) {
-                if !rs.rtnl.exists(r, o)? {
+        if rs.needs_rtnetlink() {
+            let sock = self.routing_socket()?;
+            let (r, objs) = rtnl_objects(rs, sock.ipv6);
+            for o in objs {
+                if !sock.rtnl.exists(&r, o)? {
                     diffs.push(format!("{} is missing", r.describe(o)));
                 }
             }

@@ -51,6 +51,12 @@ pub fn rule(r: &Rule) -> String {
             Match::Iifname(n) => format!("iifname \"{n}\""),
             Match::Oifname(n) => format!("oifname \"{n}\""),
             Match::IifnameIn(s) => format!("iifname @{s}"),
+            Match::IifnamePrefix(p) => format!("iifname \"{p}*\""),
+            Match::OifnamePrefix(p) => format!("oifname \"{p}*\""),
+            Match::SaddrIn(f, s) => format!("{} saddr @{s}", family_kw(*f)),
+            Match::DportRange(a, b) => format!("{l4} dport {a}-{b}"),
+            Match::SkUidRange(a, b) => format!("meta skuid {a}-{b}"),
+            Match::CtInvalid => "ct state invalid".to_string(),
             Match::OifnameIn(s) => format!("oifname @{s}"),
             Match::Saddr(a) => format!("{} saddr {a}", addr_kw(a)),
             Match::Daddr(c, a) => format!("{} daddr {}{a}", addr_kw(a), op(*c)),
@@ -68,6 +74,7 @@ pub fn rule(r: &Rule) -> String {
     parts.push(match &r.action {
         Action::Return => "return".into(),
         Action::Accept => "accept".into(),
+        Action::Drop => "drop".into(),
         Action::Jump(c) => format!("jump {c}"),
         Action::Redirect(p) => format!("redirect to :{p}"),
         Action::Tproxy { family, port, mark } => {
@@ -103,6 +110,19 @@ fn set(out: &mut String, s: &Set) {
             "inet_service",
             false,
             v.iter().map(|p| p.to_string()).collect(),
+        ),
+        Elems::PortRanges(v) => (
+            "inet_service",
+            true,
+            v.iter()
+                .map(|(a, b)| {
+                    if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}-{b}")
+                    }
+                })
+                .collect(),
         ),
         Elems::Ifnames(v) => (
             "ifname",

@@ -350,6 +350,27 @@ impl Expression for Tproxy {
     }
 }
 
+/// `byteorder reg 1 = hton(reg 1, 4, 4)`: a host-order 32-bit value (a uid) to big-endian, so
+/// `cmp gte/lte` (which compare bytes in memory order) order it numerically, as nft does for
+/// `meta skuid 1000-2000`.
+pub(crate) struct HtonU32;
+
+impl Expression for HtonU32 {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        let e = expr(c"byteorder");
+        set_u32(e, sys::NFTNL_EXPR_BYTEORDER_SREG, libc::NFT_REG_1 as u32);
+        set_u32(e, sys::NFTNL_EXPR_BYTEORDER_DREG, libc::NFT_REG_1 as u32);
+        set_u32(
+            e,
+            sys::NFTNL_EXPR_BYTEORDER_OP,
+            libc::NFT_BYTEORDER_HTON as u32,
+        );
+        set_u32(e, sys::NFTNL_EXPR_BYTEORDER_LEN, 4);
+        set_u32(e, sys::NFTNL_EXPR_BYTEORDER_SIZE, 4);
+        e
+    }
+}
+
 /// `ct zone set` from register 1 (a 16-bit zone id).
 pub(crate) struct CtZoneSet;
 

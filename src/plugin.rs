@@ -124,6 +124,9 @@ fn plan(
         namespace: env.arg("K8S_POD_NAMESPACE"),
         name: env.arg("K8S_POD_NAME"),
         annotations: annotations.as_ref(),
+        ipv6: conf
+            .get("prevResult")
+            .is_some_and(protocol::result_has_ipv6),
     };
     Ok(match policy::decide(cfg, &pod)? {
         Decision::Capture(p) => Ok(ruleset::build(&p)),
@@ -185,7 +188,7 @@ fn add(
         Ok(rs) => {
             rec.rules = Some(rs.rule_count());
             rec.set_elements = Some(rs.sets.iter().map(|s| s.elems.len()).sum());
-            in_pod(&env.netns, rs.routing.is_some(), |k| k.replace(&rs))?;
+            in_pod(&env.netns, rs.needs_rtnetlink(), |k| k.replace(&rs))?;
             rec.decision = "captured".into();
         }
         Err(why) => rec.decision = format!("skipped: {why}"),
@@ -203,7 +206,7 @@ fn check(
     let out = result(conf, version, Command::Check)?;
     let planned = plan(env, conf, &cfg)?;
     let diffs = match &planned {
-        Ok(rs) => in_pod(&env.netns, rs.routing.is_some(), |k| k.diff(rs))?,
+        Ok(rs) => in_pod(&env.netns, rs.needs_rtnetlink(), |k| k.diff(rs))?,
         Err(why) if in_pod(&env.netns, false, |k| k.table_exists())? => vec![format!(
             "table inet {} exists but the pod is not captured ({why})",
             ruleset::TABLE
@@ -241,26 +244,21 @@ fn del(
         }
         Err(e) => return Err(netns_error(e)),
     };
-    // What to remove besides the table: the TPROXY routing if this pod's plan had it; if the
-    // plan cannot be made (DEL must not fail on config), the routing rule and route, which are
-    // unambiguously ours, but not the shared ::6 address.
-    let routing = match cfg.and_then(|c| plan(env, conf, &c)) {
-        Ok(Ok(rs)) => rs.routing.map(|r| (r, true)),
-        Ok(Err(_)) => None,
-        Err(_) => Some((
-            route::Routing {
+    // What to remove besides the table: the TPROXY routing if this pod's plan had it, and
+    // `::6` if we added it (it carries our mark). If the plan cannot be made (DEL must not
+    // fail on config), the routing rule and route, which are unambiguously ours.
+    let (routing, rtnetlink) = match cfg.and_then(|c| plan(env, conf, &c)) {
+        Ok(Ok(rs)) => (rs.routing, rs.needs_rtnetlink()),
+        Ok(Err(_)) => (None, false),
+        Err(_) => (
+            Some(route::Routing {
                 mark: ruleset::TPROXY_MARK,
                 table: ruleset::TPROXY_TABLE,
-            },
-            false,
-        )),
+            }),
+            true,
+        ),
     };
-    rec.decision = if in_netns(&ns, routing.is_some(), |k| {
-        k.delete(
-            routing.as_ref().map(|(r, _)| r),
-            routing.is_some_and(|(_, a)| a),
-        )
-    })? {
+    rec.decision = if in_netns(&ns, rtnetlink, |k| k.delete(routing.as_ref()))? {
         "deleted".into()
     } else {
         "nothing to delete: no table".into()
@@ -308,6 +306,7 @@ pub fn default_ruleset() -> Ruleset {
             sets: Vec::new(),
             chains: Vec::new(),
             routing: None,
+            passthrough6: crate::policy::Passthrough6::No,
         },
     }
 }

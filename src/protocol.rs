@@ -237,6 +237,23 @@ fn valid_container_id(id: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// Whether a CNI result (any version) gives the pod an IPv6 address: `ips[].address` in CIDR
+/// form (0.3.0 and later). A malformed result counts as none.
+pub fn result_has_ipv6(result: &Value) -> bool {
+    result
+        .get("ips")
+        .and_then(Value::as_array)
+        .is_some_and(|ips| {
+            ips.iter().any(|ip| {
+                ip.get("address")
+                    .and_then(Value::as_str)
+                    .and_then(|a| a.split('/').next())
+                    .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                    .is_some_and(|a| a.is_ipv6())
+            })
+        })
+}
+
 /// Linux interface-name rules (what `dev_valid_name` accepts).
 pub fn valid_ifname(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {

@@ -2,10 +2,14 @@
 //!
 //!   ip rule add fwmark 1337 lookup 133                (IPv4 and IPv6)
 //!   ip route add local default dev lo table 133       (IPv4 and IPv6)
-//!   ip -6 addr add ::6/128 dev lo                     (the proxy's IPv6 passthrough source)
 //!
 //! Packets TPROXY marked are routed to the local stack through table 133, whatever their
-//! destination. Messages are built and parsed here byte by byte: no `unsafe`, no `ip` binary.
+//! destination. And, in both modes when the pod has IPv6 (istio-cni's `ConfigureRoutes`):
+//!
+//!   ip -6 addr add ::6/128 dev lo proto 0x6d          (the proxy's IPv6 passthrough source)
+//!
+//! marked with our address protocol so that DEL removes it only if we added it. Messages are
+//! built and parsed here byte by byte: no `unsafe`, no `ip` binary.
 
 use crate::nftnl_ext::MsgBuf;
 use std::io;
@@ -47,7 +51,11 @@ const RTPROT_STATIC: u8 = 4;
 
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+const IFA_PROTO: u16 = 11;
 const IFA_F_NODAD: u8 = 0x02;
+/// Our `IFA_PROTO` (Linux >= 6.1 keeps it; older kernels ignore it, and then DEL never
+/// removes `::6`, which is safe).
+pub const ADDR_PROTO: u8 = 0x6d;
 
 /// Priority of our ip rules: before the `main` table (32766), like `ip rule add` would pick.
 const RULE_PRIORITY: u32 = 32765;
@@ -62,7 +70,7 @@ pub enum Obj {
     Rule { v6: bool },
     /// `ip [-6] route add local default dev lo table TABLE`
     Route { v6: bool },
-    /// `ip -6 addr add ::6/128 dev lo`
+    /// `ip -6 addr add ::6/128 dev lo proto 0x6d`
     Passthrough6,
 }
 
@@ -74,15 +82,12 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// The objects for this namespace, in the order they are added (removed in reverse).
+    /// The policy routing objects for this namespace, in the order they are added (removed
+    /// in reverse).
     pub fn objects(&self, ipv6: bool) -> Vec<Obj> {
         let mut v = vec![Obj::Rule { v6: false }, Obj::Route { v6: false }];
         if ipv6 {
-            v.extend([
-                Obj::Rule { v6: true },
-                Obj::Route { v6: true },
-                Obj::Passthrough6,
-            ]);
+            v.extend([Obj::Rule { v6: true }, Obj::Route { v6: true }]);
         }
         v
     }
@@ -101,9 +106,14 @@ impl Routing {
                 six(v6),
                 self.table
             ),
-            Obj::Passthrough6 => "ip -6 addr ::6/128 dev lo".to_string(),
+            Obj::Passthrough6 => describe_passthrough6(),
         }
     }
+}
+
+/// How `::6` on `lo` is named in messages.
+pub fn describe_passthrough6() -> String {
+    "ip -6 addr ::6/128 dev lo".to_string()
 }
 
 fn attr(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
@@ -217,6 +227,9 @@ impl Rtnl {
                 b.extend_from_slice(&self.lo.to_ne_bytes());
                 attr(&mut b, IFA_LOCAL, &PASSTHROUGH6.octets());
                 attr(&mut b, IFA_ADDRESS, &PASSTHROUGH6.octets());
+                if for_add {
+                    attr(&mut b, IFA_PROTO, &[ADDR_PROTO]);
+                }
                 (RTM_NEWADDR, RTM_DELADDR, b)
             }
         }
@@ -326,18 +339,29 @@ impl Rtnl {
                             && u32_attr(&a, RTA_OIF) == Some(self.lo)
                     }
                 }),
-            Obj::Passthrough6 => self
-                .dump(RTM_GETADDR, vec![AF_INET6, 0, 0, 0, 0, 0, 0, 0])?
-                .iter()
-                .any(|b| {
-                    b.len() >= 8
-                        && b[1] == 128
-                        && u32::from_ne_bytes([b[4], b[5], b[6], b[7]]) == self.lo
-                        && attrs(&b[8..]).iter().any(|(t, d)| {
-                            (*t == IFA_ADDRESS || *t == IFA_LOCAL) && *d == PASSTHROUGH6.octets()
-                        })
-                }),
+            Obj::Passthrough6 => self.passthrough6()?.is_some(),
         })
+    }
+
+    /// `::6/128` on `lo`, if there: `Some(true)` when it carries our protocol mark.
+    pub fn passthrough6(&mut self) -> io::Result<Option<bool>> {
+        let lo = self.lo;
+        Ok(self
+            .dump(RTM_GETADDR, vec![AF_INET6, 0, 0, 0, 0, 0, 0, 0])?
+            .iter()
+            .find(|b| {
+                b.len() >= 8
+                    && b[1] == 128
+                    && u32::from_ne_bytes([b[4], b[5], b[6], b[7]]) == lo
+                    && attrs(&b[8..]).iter().any(|(t, d)| {
+                        (*t == IFA_ADDRESS || *t == IFA_LOCAL) && *d == PASSTHROUGH6.octets()
+                    })
+            })
+            .map(|b| {
+                attrs(&b[8..])
+                    .iter()
+                    .any(|(t, d)| *t == IFA_PROTO && *d == [ADDR_PROTO])
+            }))
     }
 }
 
@@ -390,7 +414,7 @@ mod tests {
             table: 133,
         };
         assert_eq!(r.objects(false).len(), 2);
-        assert_eq!(r.objects(true).len(), 5);
+        assert_eq!(r.objects(true).len(), 4);
         assert_eq!(
             r.describe(Obj::Rule { v6: true }),
             "ip -6 rule fwmark 1337 lookup 133"

@@ -5,7 +5,9 @@
 //! both read the same description, so what `plan` prints is what ADD installs.
 //! Address and port lists become named sets, so list size costs one lookup, not one rule each.
 
-use crate::policy::{Cidrs, Inbound, Mode, OutboundRanges, Plan, istio};
+use crate::policy::{
+    Cidrs, DnsShape, Inbound, Loopback, Mode, OutboundRanges, Passthrough6, Plan, Ports,
+};
 pub use crate::route::Routing;
 use ipnet::{Ipv4Net, Ipv6Net};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -43,6 +45,8 @@ pub enum Elems {
     V4(Vec<Ipv4Net>),
     V6(Vec<Ipv6Net>),
     Ports(Vec<u16>),
+    /// Inclusive port ranges, non-overlapping: an interval set.
+    PortRanges(Vec<(u16, u16)>),
     Ifnames(Vec<String>),
 }
 
@@ -52,6 +56,7 @@ impl Elems {
             Elems::V4(v) => v.len(),
             Elems::V6(v) => v.len(),
             Elems::Ports(v) => v.len(),
+            Elems::PortRanges(v) => v.len(),
             Elems::Ifnames(v) => v.len(),
         }
     }
@@ -97,7 +102,11 @@ pub enum Match {
     Oifname(String),
     IifnameIn(&'static str),
     OifnameIn(&'static str),
+    /// The interface name starts with this (iptables' `eth+`, nft's `"eth*"`).
+    IifnamePrefix(String),
+    OifnamePrefix(String),
     Saddr(IpAddr),
+    SaddrIn(Family, &'static str),
     Daddr(Cmp, IpAddr),
     DaddrIn(Family, &'static str),
     /// Transport destination port (TCP or UDP: same offset).
@@ -105,7 +114,11 @@ pub enum Match {
     /// Transport source port equals.
     Sport(u16),
     DportIn(&'static str),
+    /// Transport destination port within an inclusive range.
+    DportRange(u16, u16),
     SkUid(Cmp, u32),
+    /// Socket owner uid within an inclusive range.
+    SkUidRange(u32, u32),
     SkGid(Cmp, u32),
     /// Packet mark (`meta mark`).
     Mark(Cmp, u32),
@@ -113,6 +126,8 @@ pub enum Match {
     CtMark(u32),
     /// `ct state established,related`.
     CtEstablished,
+    /// `ct state invalid`.
+    CtInvalid,
 }
 
 /// What a matching rule does.
@@ -120,6 +135,7 @@ pub enum Match {
 pub enum Action {
     Return,
     Accept,
+    Drop,
     Jump(&'static str),
     /// `redirect to :port`.
     Redirect(u16),
@@ -156,13 +172,15 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-/// Everything in table `inet mesh_redirect`, plus the policy routing TPROXY needs.
+/// Everything in table `inet mesh_redirect`, plus what goes beside it over rtnetlink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
     pub sets: Vec<Set>,
     pub chains: Vec<Chain>,
     /// TPROXY mode: marked packets are routed to the local stack (see `route`).
     pub routing: Option<Routing>,
+    /// `::6/128` on `lo`, the proxy's IPv6 inbound-passthrough source.
+    pub passthrough6: Passthrough6,
 }
 
 impl Ruleset {
@@ -172,6 +190,11 @@ impl Ruleset {
 
     pub fn rule_count(&self) -> usize {
         self.chains.iter().map(|c| c.rules.len()).sum()
+    }
+
+    /// Whether ADD, DEL or CHECK needs the rtnetlink socket.
+    pub fn needs_rtnetlink(&self) -> bool {
+        self.routing.is_some() || self.passthrough6 != Passthrough6::No
     }
 }
 
@@ -185,6 +208,8 @@ pub const SET_OUT_EXCLUDE_V4: &str = "out_exclude_v4";
 pub const SET_OUT_EXCLUDE_V6: &str = "out_exclude_v6";
 pub const SET_OUT_INCLUDE_V4: &str = "out_include_v4";
 pub const SET_OUT_INCLUDE_V6: &str = "out_include_v6";
+pub const SET_IN_EXCLUDE_SRC_V4: &str = "in_exclude_src_v4";
+pub const SET_IN_EXCLUDE_SRC_V6: &str = "in_exclude_src_v6";
 
 /// The TPROXY mark (Istio's): marks diverted packets and selects routing table 133.
 pub const TPROXY_MARK: u32 = 1337;
@@ -232,12 +257,15 @@ impl Builder {
         Some(name)
     }
 
-    fn ports(
-        &mut self,
-        name: &'static str,
-        ports: impl IntoIterator<Item = u16>,
-    ) -> Option<&'static str> {
-        self.set(name, Elems::Ports(ports.into_iter().collect()))
+    /// A port set: plain while it holds a few ports (Istio's lists), an interval set for wide
+    /// ranges (`1-65535` is one interval, not 65,535 elements).
+    fn ports(&mut self, name: &'static str, ports: &Ports) -> Option<&'static str> {
+        let elems = if ports.count() <= 1024 {
+            Elems::Ports(ports.singles().collect())
+        } else {
+            Elems::PortRanges(ports.ranges().to_vec())
+        };
+        self.set(name, elems)
     }
 
     /// Address sets for both families; CIDRs are aggregated so the interval set has no overlap.
@@ -249,35 +277,100 @@ impl Builder {
     }
 }
 
+/// The excluded interfaces: exact names in a set, `name+` wildcards one rule each.
+struct Ifaces {
+    set: Option<&'static str>,
+    prefixes: Vec<String>,
+}
+
+impl Ifaces {
+    fn new(b: &mut Builder, plan: &Plan) -> Ifaces {
+        let (wild, exact): (Vec<&String>, Vec<&String>) = plan
+            .exclude_interfaces
+            .iter()
+            .partition(|n| n.ends_with('+'));
+        Ifaces {
+            set: b.set(
+                SET_EXCLUDE_IFACES,
+                Elems::Ifnames(exact.into_iter().cloned().collect()),
+            ),
+            prefixes: wild
+                .into_iter()
+                .map(|n| n.trim_end_matches('+').to_string())
+                .collect(),
+        }
+    }
+
+    /// The rules returning what arrived on (`inbound`) or leaves on an excluded interface.
+    fn returns(&self, inbound: bool) -> Vec<Rule> {
+        let comment = if inbound {
+            "arrived on an excluded interface"
+        } else {
+            "leaving on an excluded interface"
+        };
+        let mut v = Vec::new();
+        if let Some(set) = self.set {
+            let m = if inbound {
+                Match::IifnameIn(set)
+            } else {
+                Match::OifnameIn(set)
+            };
+            v.push(rule(vec![m], Action::Return, comment));
+        }
+        for p in &self.prefixes {
+            let m = if inbound {
+                Match::IifnamePrefix(p.clone())
+            } else {
+                Match::OifnamePrefix(p.clone())
+            };
+            v.push(rule(vec![m], Action::Return, comment));
+        }
+        v
+    }
+}
+
 /// Builds the ruleset for `plan`.
 pub fn build(plan: &Plan) -> Ruleset {
     let mut b = Builder { sets: Vec::new() };
-    let ifaces = b.set(
-        SET_EXCLUDE_IFACES,
-        Elems::Ifnames(plan.exclude_interfaces.iter().cloned().collect()),
-    );
+    let ifaces = Ifaces::new(&mut b, plan);
     let mut chains = Vec::new();
     let routing = match plan.mode {
         Mode::Redirect => {
-            chains.extend(redirect_inbound(&mut b, plan, ifaces));
+            chains.extend(redirect_inbound(&mut b, plan, &ifaces));
             None
         }
         Mode::Tproxy => {
-            chains.extend(tproxy_chains(&mut b, plan, ifaces));
+            chains.extend(tproxy_chains(&mut b, plan, &ifaces));
             Some(Routing {
                 mark: TPROXY_MARK,
                 table: TPROXY_TABLE,
             })
         }
     };
-    chains.extend(outbound_chains(&mut b, plan, ifaces));
-    if let Some(dns_port) = plan.dns_port {
-        chains.extend(dns_zone_chains(plan, dns_port, ifaces));
+    chains.extend(outbound_chains(&mut b, plan, &ifaces));
+    if let Some(dns) = plan.dns
+        && dns.zones
+    {
+        chains.extend(dns_zone_chains(plan, dns.port, &ifaces));
+    }
+    if plan.drop_invalid {
+        chains.push(base(
+            "drop_invalid",
+            ChainKind::Filter,
+            HookPoint::Prerouting,
+            MANGLE_PRIORITY,
+            vec![rule(
+                vec![Match::CtInvalid],
+                Action::Drop,
+                "invalid: would reach the app un-NATed",
+            )],
+        ));
     }
     Ruleset {
         sets: b.sets,
         chains,
         routing,
+        passthrough6: plan.passthrough6,
     }
 }
 
@@ -287,6 +380,24 @@ fn tcp() -> Match {
 
 fn lo_out() -> Match {
     Match::Oifname("lo".into())
+}
+
+fn owner(by_gid: bool, c: Cmp, id: u32) -> Match {
+    if by_gid {
+        Match::SkGid(c, id)
+    } else {
+        Match::SkUid(c, id)
+    }
+}
+
+/// The matches a base chain's jump starts with: IPv4 only when the plan leaves IPv6 alone.
+fn entry(plan: &Plan, l4: L4) -> Vec<Match> {
+    let mut m = Vec::new();
+    if !plan.ipv6 {
+        m.push(Match::NfProto(Family::V4));
+    }
+    m.push(Match::L4Proto(l4));
+    m
 }
 
 fn base(
@@ -315,29 +426,38 @@ fn regular(name: &'static str, rules: Vec<Rule>) -> Chain {
     }
 }
 
-/// The inbound port rules shared by both modes: excluded interfaces, the tunnel port, and the
-/// exclusion set (with `*`). Returns them and the match that selects captured ports.
+/// The inbound port rules shared by both modes: excluded interfaces, the tunnel port, excluded
+/// sources, and the exclusion set (with `*`). Returns them and the match that selects captured
+/// ports.
 fn inbound_selection(
     b: &mut Builder,
     plan: &Plan,
-    ifaces: Option<&'static str>,
+    ifaces: &Ifaces,
 ) -> Option<(Vec<Rule>, Vec<Match>)> {
-    let mut rules = Vec::new();
-    if let Some(set) = ifaces {
+    let mut rules = ifaces.returns(true);
+    if let Some(port) = plan.shape.tunnel_port {
         rules.push(rule(
-            vec![Match::IifnameIn(set)],
+            vec![tcp(), Match::Dport(Cmp::Eq, port)],
             Action::Return,
-            "arrived on an excluded interface",
+            "HBONE tunnel port",
         ));
     }
-    rules.push(rule(
-        vec![tcp(), Match::Dport(Cmp::Eq, istio::TUNNEL_PORT)],
-        Action::Return,
-        "HBONE tunnel port",
-    ));
+    let sources = b.cidrs(
+        [SET_IN_EXCLUDE_SRC_V4, SET_IN_EXCLUDE_SRC_V6],
+        &plan.inbound_exclude_sources,
+    );
+    for (f, set) in [Family::V4, Family::V6].into_iter().zip(sources) {
+        if let Some(set) = set {
+            rules.push(rule(
+                vec![Match::NfProto(f), Match::SaddrIn(f, set)],
+                Action::Return,
+                "excluded source",
+            ));
+        }
+    }
     let selected = match &plan.inbound {
         Inbound::AllExcept(ports) => {
-            if let Some(set) = b.ports(SET_IN_EXCLUDE_PORTS, ports.iter().copied()) {
+            if let Some(set) = b.ports(SET_IN_EXCLUDE_PORTS, ports) {
                 rules.push(rule(
                     vec![tcp(), Match::DportIn(set)],
                     Action::Return,
@@ -347,17 +467,14 @@ fn inbound_selection(
             vec![tcp()]
         }
         // No set (an empty list) selects nothing: no inbound capture, never "every port".
-        Inbound::Only(ports) => vec![
-            tcp(),
-            Match::DportIn(b.ports(SET_IN_PORTS, ports.iter().copied())?),
-        ],
+        Inbound::Only(ports) => vec![tcp(), Match::DportIn(b.ports(SET_IN_PORTS, ports)?)],
         Inbound::Off => return None,
     };
     Some((rules, selected))
 }
 
 /// REDIRECT mode inbound (SPEC §4 "Inbound"): nat prerouting, TCP only.
-fn redirect_inbound(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> Vec<Chain> {
+fn redirect_inbound(b: &mut Builder, plan: &Plan, ifaces: &Ifaces) -> Vec<Chain> {
     let Some((mut rules, selected)) = inbound_selection(b, plan, ifaces) else {
         return Vec::new();
     };
@@ -373,7 +490,11 @@ fn redirect_inbound(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) 
             ChainKind::Nat,
             HookPoint::Prerouting,
             NAT_PRIORITY,
-            vec![rule(vec![tcp()], Action::Jump("inbound"), "inbound TCP")],
+            vec![rule(
+                entry(plan, L4::Tcp),
+                Action::Jump("inbound"),
+                "inbound TCP",
+            )],
         ),
         regular("inbound", rules),
     ]
@@ -382,7 +503,7 @@ fn redirect_inbound(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) 
 /// TPROXY mode inbound (Istio's mangle rules): new inbound TCP connections are handed to the
 /// proxy's transparent socket with their addresses untouched and marked, so policy routing
 /// delivers them locally; packets of established ones are marked and accepted.
-fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> Vec<Chain> {
+fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: &Ifaces) -> Vec<Chain> {
     let mark = TPROXY_MARK;
     let mut chains = Vec::new();
     if let Some((selection, selected)) = inbound_selection(b, plan, ifaces) {
@@ -439,7 +560,11 @@ fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> 
             ));
         }
         // Excluded interfaces return first thing in `inbound` (inbound_selection).
-        let mut pre = vec![rule(vec![tcp()], Action::Jump("inbound"), "inbound TCP")];
+        let mut pre = vec![rule(
+            entry(plan, L4::Tcp),
+            Action::Jump("inbound"),
+            "inbound TCP",
+        )];
         pre.push(rule(
             vec![tcp(), Match::Mark(Cmp::Eq, mark)],
             Action::SaveMark,
@@ -455,24 +580,13 @@ fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> 
         chains.push(regular("inbound", rules));
     }
     // Locally generated packets: a route chain, so a mark set here re-routes the packet.
-    let mut out = Vec::new();
-    if let Some(set) = ifaces {
-        out.push(rule(
-            vec![Match::OifnameIn(set)],
-            Action::Return,
-            "leaving on an excluded interface",
-        ));
-    }
+    let mut out = ifaces.returns(false);
     out.push(rule(
         vec![lo_out(), tcp(), Match::Mark(Cmp::Eq, mark)],
         Action::Return,
         "already marked",
     ));
-    type Owner = fn(Cmp, u32) -> Match;
-    for (owner, id) in [
-        (Match::SkUid as Owner, plan.proxy_uid),
-        (Match::SkGid as Owner, plan.proxy_gid),
-    ] {
+    for (by_gid, id) in plan.owners() {
         for (f, lo) in LOOPBACK {
             out.push(rule(
                 vec![
@@ -480,7 +594,7 @@ fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> 
                     Match::NfProto(f),
                     Match::Daddr(Cmp::Ne, lo),
                     tcp(),
-                    owner(Cmp::Eq, id),
+                    owner(by_gid, Cmp::Eq, id),
                 ],
                 Action::SetMark(PROXY_LOOPBACK_MARK),
                 "the proxy calling the pod's address over lo",
@@ -502,140 +616,168 @@ fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> 
     chains
 }
 
-/// The outbound rules (SPEC §4 "Outbound"), entered for TCP (and UDP when DNS is captured).
-fn outbound_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -> Vec<Chain> {
-    let dns = plan.dns_port.is_some();
-    let mut r = Vec::new();
-    if let Some(set) = ifaces {
-        r.push(rule(
-            vec![Match::OifnameIn(set)],
-            Action::Return,
-            "leaving on an excluded interface",
-        ));
+/// The outbound rules (SPEC §4 "Outbound", with the profile's switches), entered for TCP (and
+/// UDP when DNS is captured).
+fn outbound_chains(b: &mut Builder, plan: &Plan, ifaces: &Ifaces) -> Vec<Chain> {
+    let shape = plan.shape;
+    if !plan.outbound && plan.dns.is_none() {
+        return Vec::new();
     }
-    if let Some(set) = b.ports(
-        SET_OUT_EXCLUDE_PORTS,
-        plan.exclude_outbound_ports.iter().copied(),
-    ) {
-        r.push(rule(
-            vec![Match::DportIn(set)],
-            Action::Return,
-            "excluded outbound port",
-        ));
+    let mut r = ifaces.returns(false);
+    let exclude = b.cidrs(
+        [SET_OUT_EXCLUDE_V4, SET_OUT_EXCLUDE_V6],
+        &plan.exclude_ranges,
+    );
+    let mut excluded_dst: Vec<Rule> = [Family::V4, Family::V6]
+        .into_iter()
+        .zip(exclude)
+        .filter_map(|(f, set)| {
+            set.map(|set| {
+                rule(
+                    vec![Match::NfProto(f), Match::DaddrIn(f, set)],
+                    Action::Return,
+                    "excluded destination",
+                )
+            })
+        })
+        .collect();
+    if shape.exclude_dst_first {
+        // Kuma: before anything else, for every uid (the proxy's too) and protocol.
+        r.append(&mut excluded_dst);
     }
-    for (f, addr) in PASSTHROUGH {
-        r.push(rule(
-            vec![lo_out(), Match::NfProto(f), Match::Saddr(addr)],
-            Action::Return,
-            "proxy passthrough",
-        ));
-    }
-    type Owner = fn(Cmp, u32) -> Match;
-    for (owner, id, by_gid) in [
-        (Match::SkUid as Owner, plan.proxy_uid, false),
-        (Match::SkGid as Owner, plan.proxy_gid, true),
-    ] {
-        for (f, addr) in LOOPBACK {
-            let mut m = vec![
-                lo_out(),
-                Match::NfProto(f),
-                Match::Daddr(Cmp::Ne, addr),
-                tcp(),
-            ];
-            if dns {
-                m.push(Match::Dport(Cmp::Ne, DNS_PORT));
-            }
-            m.extend([
-                Match::Dport(Cmp::Ne, istio::TUNNEL_PORT),
-                owner(Cmp::Eq, id),
-            ]);
-            let comment = if by_gid {
-                "proxy (by gid) calling the pod's own address: inbound"
+    for ex in &plan.uid_exclusions {
+        let uid = if ex.uids.0 == ex.uids.1 {
+            Match::SkUid(Cmp::Eq, ex.uids.0)
+        } else {
+            Match::SkUidRange(ex.uids.0, ex.uids.1)
+        };
+        let l4s = [(ex.tcp, L4::Tcp), (ex.udp, L4::Udp)];
+        for l4 in l4s.into_iter().filter(|(on, _)| *on).map(|(_, l)| l) {
+            let ranges: Vec<Option<(u16, u16)>> = if ex.ports.is_empty() {
+                vec![None]
             } else {
-                "proxy calling the pod's own address: inbound"
+                ex.ports.ranges().iter().copied().map(Some).collect()
             };
-            // Also in TPROXY mode: nat is the only way to steer locally generated traffic.
-            r.push(rule(m, Action::Redirect(plan.inbound_port), comment));
+            for range in ranges {
+                let mut m = vec![Match::L4Proto(l4)];
+                match range {
+                    Some((a, z)) if a == z => m.push(Match::Dport(Cmp::Eq, a)),
+                    Some((a, z)) => m.push(Match::DportRange(a, z)),
+                    None => {}
+                }
+                m.push(uid.clone());
+                r.push(rule(m, Action::Return, "excluded uid"));
+            }
         }
-        // With DNS capture, the app's DNS over lo (a local resolver) must still reach the DNS rules.
-        let mut m = vec![lo_out()];
-        if dns {
-            m.extend([tcp(), Match::Dport(Cmp::Ne, DNS_PORT)]);
-        }
-        m.push(owner(Cmp::Ne, id));
-        r.push(rule(m, Action::Return, "app talking to itself over lo"));
-        r.push(rule(
-            vec![owner(Cmp::Eq, id)],
-            Action::Return,
-            "the proxy's own traffic",
-        ));
     }
-    if let Some(dns_port) = plan.dns_port {
+    let istio_dns = plan.dns.filter(|_| shape.dns == DnsShape::TcpAndUdp);
+    if let Some(dns) = plan.dns
+        && shape.dns == DnsShape::UdpFirst
+    {
+        let udp = || Match::L4Proto(L4::Udp);
+        for (by_gid, id) in plan.owners() {
+            r.push(rule(
+                vec![
+                    udp(),
+                    Match::Dport(Cmp::Eq, DNS_PORT),
+                    owner(by_gid, Cmp::Eq, id),
+                ],
+                Action::Return,
+                "the proxy's own DNS",
+            ));
+        }
+        r.push(rule(
+            vec![udp(), Match::Dport(Cmp::Eq, DNS_PORT)],
+            Action::Redirect(dns.port),
+            "DNS to the proxy",
+        ));
+        let mut m = vec![tcp(), Match::Dport(Cmp::Eq, DNS_PORT)];
+        if let Some(uid) = plan.proxy_uid {
+            m.push(Match::SkUid(Cmp::Ne, uid));
+        }
+        r.push(rule(m, Action::Return, "the app's TCP DNS goes out as is"));
+    }
+    if plan.outbound {
+        if let Some(set) = b.ports(SET_OUT_EXCLUDE_PORTS, &plan.exclude_outbound_ports) {
+            r.push(rule(
+                vec![Match::DportIn(set)],
+                Action::Return,
+                "excluded outbound port",
+            ));
+        }
+        match shape.loopback {
+            Loopback::Passthrough => loopback_passthrough(plan, istio_dns.is_some(), &mut r),
+            Loopback::ReturnAll => {
+                for (by_gid, id) in plan.owners() {
+                    r.push(rule(
+                        vec![owner(by_gid, Cmp::Eq, id)],
+                        Action::Return,
+                        "the proxy's own traffic",
+                    ));
+                }
+                r.push(rule(vec![lo_out()], Action::Return, "over lo"));
+            }
+        }
+    }
+    if let Some(dns) = istio_dns {
         // After the proxy-owner returns (the proxy's own queries go out untouched), before the
         // localhost return (a resolver on 127.0.0.53 is still captured).
         for l4 in [L4::Tcp, L4::Udp] {
             r.push(rule(
                 vec![Match::L4Proto(l4), Match::Dport(Cmp::Eq, DNS_PORT)],
-                Action::Redirect(dns_port),
+                Action::Redirect(dns.port),
                 "DNS to the proxy",
             ));
         }
     }
-    for (f, addr) in LOOPBACK {
-        r.push(rule(
-            vec![Match::NfProto(f), Match::Daddr(Cmp::Eq, addr)],
-            Action::Return,
-            "localhost",
-        ));
-    }
-    let exclude = b.cidrs(
-        [SET_OUT_EXCLUDE_V4, SET_OUT_EXCLUDE_V6],
-        &plan.exclude_ranges,
-    );
-    for (f, set) in [Family::V4, Family::V6].into_iter().zip(exclude) {
-        if let Some(set) = set {
-            r.push(rule(
-                vec![Match::NfProto(f), Match::DaddrIn(f, set)],
-                Action::Return,
-                "excluded destination",
-            ));
+    if plan.outbound {
+        if shape.loopback == Loopback::Passthrough {
+            for (f, addr) in LOOPBACK {
+                r.push(rule(
+                    vec![Match::NfProto(f), Match::Daddr(Cmp::Eq, addr)],
+                    Action::Return,
+                    "localhost",
+                ));
+            }
         }
-    }
-    if let Some(set) = b.ports(
-        SET_OUT_INCLUDE_PORTS,
-        plan.include_outbound_ports.iter().copied(),
-    ) {
-        r.push(rule(
-            vec![tcp(), Match::DportIn(set)],
-            Action::Redirect(plan.outbound_port),
-            "included outbound port",
-        ));
-    }
-    match &plan.include_ranges {
-        OutboundRanges::All => {
+        r.append(&mut excluded_dst);
+        if let Some(set) = b.ports(SET_OUT_INCLUDE_PORTS, &plan.include_outbound_ports) {
             r.push(rule(
-                vec![tcp()],
+                vec![tcp(), Match::DportIn(set)],
                 Action::Redirect(plan.outbound_port),
-                "outbound to the proxy",
+                "included outbound port",
             ));
         }
-        OutboundRanges::Only(c) => {
-            let include = b.cidrs([SET_OUT_INCLUDE_V4, SET_OUT_INCLUDE_V6], c);
-            for (f, set) in [Family::V4, Family::V6].into_iter().zip(include) {
-                if let Some(set) = set {
-                    r.push(rule(
-                        vec![Match::NfProto(f), Match::DaddrIn(f, set), tcp()],
-                        Action::Redirect(plan.outbound_port),
-                        "included destination",
-                    ));
+        match &plan.include_ranges {
+            OutboundRanges::All => {
+                r.push(rule(
+                    vec![tcp()],
+                    Action::Redirect(plan.outbound_port),
+                    "outbound to the proxy",
+                ));
+            }
+            OutboundRanges::Only(c) => {
+                let include = b.cidrs([SET_OUT_INCLUDE_V4, SET_OUT_INCLUDE_V6], c);
+                for (f, set) in [Family::V4, Family::V6].into_iter().zip(include) {
+                    if let Some(set) = set {
+                        r.push(rule(
+                            vec![Match::NfProto(f), Match::DaddrIn(f, set), tcp()],
+                            Action::Redirect(plan.outbound_port),
+                            "included destination",
+                        ));
+                    }
                 }
             }
         }
     }
-    let mut entry = vec![rule(vec![tcp()], Action::Jump("outbound"), "outbound TCP")];
-    if dns {
-        entry.push(rule(
-            vec![Match::L4Proto(L4::Udp)],
+    let mut jumps = vec![rule(
+        entry(plan, L4::Tcp),
+        Action::Jump("outbound"),
+        "outbound TCP",
+    )];
+    if plan.dns.is_some() {
+        jumps.push(rule(
+            entry(plan, L4::Udp),
             Action::Jump("outbound"),
             "outbound UDP (DNS)",
         ));
@@ -646,46 +788,92 @@ fn outbound_chains(b: &mut Builder, plan: &Plan, ifaces: Option<&'static str>) -
             ChainKind::Nat,
             HookPoint::Output,
             NAT_PRIORITY,
-            entry,
+            jumps,
         ),
         regular("outbound", r),
     ]
 }
 
-/// Conntrack zones for DNS (Istio's raw-table `CT --zone` rules), assigned before conntrack
-/// sees the packet: the proxy's queries upstream and their answers live in zone 1, the app's
-/// queries and the proxy's answers to them in zone 2, so the two legs of one lookup, which can
-/// share addresses and ports, never meet in one conntrack entry and replies go to the right
-/// socket.
-fn dns_zone_chains(plan: &Plan, dns_port: u16, ifaces: Option<&'static str>) -> Vec<Chain> {
-    let udp = || Match::L4Proto(L4::Udp);
-    let mut out = Vec::new();
-    let mut inbound = Vec::new();
-    // Traffic on excluded interfaces is not captured, so it keeps the default zone both ways.
-    if let Some(set) = ifaces {
-        out.push(rule(
-            vec![Match::OifnameIn(set)],
+/// Istio's and Kuma's loopback rules: the passthrough source returns; the proxy calling a
+/// local address other than localhost goes to the inbound port; the app's other traffic over
+/// `lo` returns (unless an include range holds a loopback address); the proxy's own traffic
+/// returns.
+fn loopback_passthrough(plan: &Plan, istio_dns: bool, r: &mut Vec<Rule>) {
+    for (f, addr) in PASSTHROUGH {
+        r.push(rule(
+            vec![lo_out(), Match::NfProto(f), Match::Saddr(addr)],
             Action::Return,
-            "leaving on an excluded interface",
-        ));
-        inbound.push(rule(
-            vec![Match::IifnameIn(set)],
-            Action::Return,
-            "arrived on an excluded interface",
+            "proxy passthrough",
         ));
     }
-    type Owner = fn(Cmp, u32) -> Match;
-    for (owner, id) in [
-        (Match::SkUid as Owner, plan.proxy_uid),
-        (Match::SkGid as Owner, plan.proxy_gid),
-    ] {
+    let owners = plan.owners();
+    if owners.is_empty() {
+        r.push(rule(vec![lo_out()], Action::Return, "over lo"));
+    }
+    for (by_gid, id) in owners {
+        for (f, addr) in LOOPBACK {
+            let mut m = vec![
+                lo_out(),
+                Match::NfProto(f),
+                Match::Daddr(Cmp::Ne, addr),
+                tcp(),
+            ];
+            // Istio's asymmetry: with DNS, the uid rule spares port 53, the gid rule does not.
+            if istio_dns && !by_gid {
+                m.push(Match::Dport(Cmp::Ne, DNS_PORT));
+            }
+            if let Some(t) = plan.shape.tunnel_port {
+                m.push(Match::Dport(Cmp::Ne, t));
+            }
+            m.push(owner(by_gid, Cmp::Eq, id));
+            let comment = if by_gid {
+                "proxy (by gid) calling the pod's own address: inbound"
+            } else {
+                "proxy calling the pod's own address: inbound"
+            };
+            // Also in TPROXY mode: nat is the only way to steer locally generated traffic.
+            r.push(rule(m, Action::Redirect(plan.inbound_port), comment));
+        }
+        if plan.app_loopback_return {
+            // With DNS capture, the app's DNS over lo (a local resolver) must still reach the
+            // DNS rules.
+            let mut m = vec![lo_out()];
+            if istio_dns {
+                m.extend([tcp(), Match::Dport(Cmp::Ne, DNS_PORT)]);
+            }
+            m.push(owner(by_gid, Cmp::Ne, id));
+            r.push(rule(m, Action::Return, "app talking to itself over lo"));
+        }
+        r.push(rule(
+            vec![owner(by_gid, Cmp::Eq, id)],
+            Action::Return,
+            "the proxy's own traffic",
+        ));
+    }
+}
+
+/// Conntrack zones for DNS (Istio's raw-table `CT --zone` rules, Kuma's the same), assigned
+/// before conntrack sees the packet: the proxy's queries upstream and their answers live in
+/// zone 1, the app's queries and the proxy's answers to them in zone 2, so the two legs of one
+/// lookup, which can share addresses and ports, never meet in one conntrack entry and replies
+/// go to the right socket.
+fn dns_zone_chains(plan: &Plan, dns_port: u16, ifaces: &Ifaces) -> Vec<Chain> {
+    let udp = || Match::L4Proto(L4::Udp);
+    // Traffic on excluded interfaces is not captured, so it keeps the default zone both ways.
+    let mut out = ifaces.returns(false);
+    let mut inbound = ifaces.returns(true);
+    for (by_gid, id) in plan.owners() {
         out.push(rule(
-            vec![udp(), Match::Dport(Cmp::Eq, DNS_PORT), owner(Cmp::Eq, id)],
+            vec![
+                udp(),
+                Match::Dport(Cmp::Eq, DNS_PORT),
+                owner(by_gid, Cmp::Eq, id),
+            ],
             Action::CtZone(DNS_ZONE_UPSTREAM_LEG),
             "the proxy's query upstream",
         ));
         out.push(rule(
-            vec![udp(), Match::Sport(dns_port), owner(Cmp::Eq, id)],
+            vec![udp(), Match::Sport(dns_port), owner(by_gid, Cmp::Eq, id)],
             Action::CtZone(DNS_ZONE_APP_LEG),
             "the proxy's answer to the app",
         ));
@@ -722,7 +910,7 @@ fn dns_zone_chains(plan: &Plan, dns_port: u16, ifaces: Option<&'static str>) -> 
 mod tests {
     use super::*;
     use crate::config::{Annotations, PluginConfig};
-    use crate::policy::{Decision, Pod, decide};
+    use crate::policy::{Decision, Pod, decide, istio};
 
     fn build_with(pairs: &[(&str, &str)]) -> Ruleset {
         let mut a: Annotations = [(istio::STATUS.to_string(), "{}".to_string())].into();

@@ -64,7 +64,7 @@ fn add_del_loop_1000_times_leaks_nothing() {
         pod.run(|| {
             let mut k = Kernel::open()?;
             k.replace(rs)?;
-            k.delete(None, false)
+            k.delete(None)
         })
         .unwrap()
         .unwrap()

@@ -1,39 +1,22 @@
 //! Policy: plugin config + pod annotations → "skip, because …" or a validated capture plan.
 //!
 //! Pure: no kernel, no I/O. Settings come, later winning, from the mesh profile's defaults, the
-//! plugin config and the pod's annotations (SPEC §3). Every malformed annotation is an error that
-//! names it; nothing ever falls back to "capture nothing" or "capture everything".
+//! plugin config and the pod's annotations (SPEC §3). The profile (`profiles`) says which
+//! annotations mean what; this engine applies them. Every malformed annotation is an error
+//! that names it; nothing ever falls back to "capture nothing" or "capture everything".
+
+pub mod kuma;
+pub mod lists;
+pub mod profiles;
 
 use crate::config::{Annotations, PluginConfig};
-use crate::protocol::{CniError, code, truncate, valid_ifname};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use crate::protocol::{CniError, code};
+pub use lists::{Cidrs, Ports};
+use lists::{bad, go_bool};
+pub use profiles::{
+    DnsShape, Field, Loopback, Marker, Mesh, Profile, Shape, istio, kuma as kuma_names, linkerd,
+};
 use std::collections::BTreeSet;
-use std::net::IpAddr;
-
-/// Istio's annotation names (the `istio` mesh profile).
-pub mod istio {
-    pub const STATUS: &str = "sidecar.istio.io/status";
-    pub const INJECT: &str = "sidecar.istio.io/inject";
-    pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
-    pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
-    pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-    pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
-    pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
-    pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
-    pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
-    pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
-    /// Not an Istio name: Istio switches DNS capture through proxy metadata, which a CNI plugin
-    /// cannot read without the API server. This per-pod switch overrides `captureDNS`.
-    pub const CAPTURE_DNS: &str = "traffic.mesh-redirect.io/captureDNS";
-
-    /// Inbound ports never captured when includeInboundPorts is `*`: the proxy's own
-    /// status (15020), health (15021) and Prometheus (15090) ports.
-    pub const ALWAYS_EXCLUDED_INBOUND: [u16; 3] = [15020, 15021, 15090];
-    /// The default excludeOutboundPorts (replaced, not extended, by the annotation).
-    pub const DEFAULT_EXCLUDED_OUTBOUND: [u16; 1] = [15020];
-    /// HBONE tunnel port: never redirected inbound, nor by the proxy's loopback rule.
-    pub const TUNNEL_PORT: u16 = 15008;
-}
 
 /// How inbound connections reach the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,31 +31,11 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
     /// Every port but these.
-    AllExcept(BTreeSet<u16>),
+    AllExcept(Ports),
     /// Only these ports (never empty).
-    Only(BTreeSet<u16>),
+    Only(Ports),
     /// No inbound capture.
     Off,
-}
-
-/// Canonical CIDRs (host bits cleared), sorted and deduplicated, per family.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Cidrs {
-    pub v4: Vec<Ipv4Net>,
-    pub v6: Vec<Ipv6Net>,
-}
-
-impl Cidrs {
-    pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty()
-    }
-
-    fn everything() -> Cidrs {
-        Cidrs {
-            v4: vec![Ipv4Net::default()],
-            v6: vec![Ipv6Net::default()],
-        }
-    }
 }
 
 /// Which outbound destinations are captured.
@@ -83,22 +46,82 @@ pub enum OutboundRanges {
     Only(Cidrs),
 }
 
+/// DNS capture: the app's queries go to the proxy's DNS port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dns {
+    pub port: u16,
+    /// Conntrack zones keep the two legs of a lookup apart (Istio always; Kuma unless
+    /// `skipConntrackZoneSplit`).
+    pub zones: bool,
+}
+
+/// Whether `::6/128` goes on `lo` (the proxy's IPv6 inbound-passthrough source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passthrough6 {
+    No,
+    Yes,
+    /// If IPv6 is on in the pod's namespace (the kernel layer looks).
+    IfIpv6Enabled,
+}
+
+/// Outbound traffic of some uids (and ports, protocols) never captured: Kuma's
+/// `excludePortsForUIDs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UidExclusion {
+    pub tcp: bool,
+    pub udp: bool,
+    /// Empty: every port.
+    pub ports: Ports,
+    /// Inclusive uid range.
+    pub uids: (u32, u32),
+}
+
 /// A validated capture plan: everything the ruleset needs, nothing it must re-check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
+    pub mesh: Mesh,
     pub mode: Mode,
-    pub proxy_uid: u32,
-    pub proxy_gid: u32,
+    /// `None`: no rule by owner uid (Linkerd with `proxy-uid` 0 or less).
+    pub proxy_uid: Option<u32>,
+    pub proxy_gid: Option<u32>,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub inbound: Inbound,
+    /// Inbound connections from these sources are never captured.
+    pub inbound_exclude_sources: Cidrs,
+    /// Outbound TCP is captured at all (Kuma's `outbound.enabled`).
+    pub outbound: bool,
     pub include_ranges: OutboundRanges,
     pub exclude_ranges: Cidrs,
-    pub include_outbound_ports: BTreeSet<u16>,
-    pub exclude_outbound_ports: BTreeSet<u16>,
+    pub include_outbound_ports: Ports,
+    pub exclude_outbound_ports: Ports,
     pub exclude_interfaces: BTreeSet<String>,
-    /// Redirect the app's DNS (UDP and TCP 53) to this port.
-    pub dns_port: Option<u16>,
+    pub dns: Option<Dns>,
+    /// Capture IPv6 as well (off: IPv6 traffic is left alone).
+    pub ipv6: bool,
+    /// The app's traffic over `lo` returns (Istio drops that rule when an include range holds
+    /// a loopback address: `HasLoopBackIP`).
+    pub app_loopback_return: bool,
+    pub passthrough6: Passthrough6,
+    pub uid_exclusions: Vec<UidExclusion>,
+    /// Drop packets conntrack finds invalid before they reach the app (Kuma's
+    /// `dropInvalidPackets`).
+    pub drop_invalid: bool,
+    pub shape: Shape,
+}
+
+impl Plan {
+    /// The owner matches the proxy's traffic is known by: (is a gid, id).
+    pub fn owners(&self) -> Vec<(bool, u32)> {
+        let mut v = Vec::new();
+        if let Some(u) = self.proxy_uid {
+            v.push((false, u));
+        }
+        if let Some(g) = self.proxy_gid {
+            v.push((true, g));
+        }
+        v
+    }
 }
 
 /// The outcome for one pod.
@@ -109,17 +132,54 @@ pub enum Decision {
     Capture(Plan),
 }
 
-/// The pod as the runtime describes it (from `CNI_ARGS` and `runtimeConfig`).
+/// The pod as the runtime describes it (from `CNI_ARGS`, `runtimeConfig` and `prevResult`, or
+/// from the CRI).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pod<'a> {
     pub namespace: Option<&'a str>,
     pub name: Option<&'a str>,
     /// `None`: the runtime passed no annotations at all.
     pub annotations: Option<&'a Annotations>,
+    /// The pod has an IPv6 address.
+    pub ipv6: bool,
+}
+
+/// The plan as annotations build it up, before the last checks.
+pub(crate) struct Draft {
+    pub mode: Mode,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// `None`: every port (but the excluded ones).
+    pub include_inbound: Option<Ports>,
+    pub exclude_inbound: Ports,
+    pub inbound_enabled: bool,
+    pub inbound_exclude_sources: Cidrs,
+    pub outbound: bool,
+    pub include_ranges: OutboundRanges,
+    pub include_has_loopback: bool,
+    pub exclude_ranges: Cidrs,
+    pub include_outbound_ports: Ports,
+    pub exclude_outbound_ports: Ports,
+    pub exclude_interfaces: BTreeSet<String>,
+    pub capture_dns: bool,
+    pub dns_port: u16,
+    pub dns_zones: bool,
+    pub ipv6: bool,
+    pub uid_exclusions: Vec<UidExclusion>,
+    pub drop_invalid: bool,
+}
+
+/// What reading one annotation decided.
+pub(crate) enum Step {
+    Continue,
+    Skip(String),
 }
 
 /// Decides what to do for `pod`.
 pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
+    let profile = cfg.mesh.profile();
     if let Some(ns) = pod.namespace
         && cfg.exclude_namespaces.iter().any(|e| e == ns)
     {
@@ -143,214 +203,193 @@ pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
             "no pod annotations and not a Kubernetes pod (no K8S_POD_NAME)".into(),
         ));
     };
-    let get = |name: &str| lookup(ann, name);
-
-    if get(istio::STATUS).is_none() {
-        return Ok(Decision::Skip(format!(
-            "no {} annotation: no sidecar was injected",
-            istio::STATUS
-        )));
+    match profile.marker {
+        Marker::Present(name) if !ann.contains_key(name) => {
+            return Ok(Decision::Skip(format!(
+                "no {name} annotation: no {} sidecar was injected",
+                profile.name
+            )));
+        }
+        Marker::Equals(name, want) if ann.get(name).map(String::as_str) != Some(want) => {
+            return Ok(Decision::Skip(format!(
+                "{name} is not {want:?}: no {} sidecar was injected",
+                profile.name
+            )));
+        }
+        _ => {}
     }
-    if let Some(v) = get(istio::INJECT)
-        && is_false(v)
-    {
-        return Ok(Decision::Skip(format!("{}={v:?}", istio::INJECT)));
-    }
-    let mode = match get(istio::INTERCEPTION_MODE).map(str::trim) {
-        None => Mode::Redirect,
-        Some(v) if v.eq_ignore_ascii_case("REDIRECT") => Mode::Redirect,
-        Some(v) if v.eq_ignore_ascii_case("TPROXY") => Mode::Tproxy,
-        Some(v) if v.eq_ignore_ascii_case("NONE") => {
-            return Ok(Decision::Skip(format!("{}=NONE", istio::INTERCEPTION_MODE)));
-        }
-        Some(v) => {
-            return Err(bad(
-                istio::INTERCEPTION_MODE,
-                v,
-                "must be REDIRECT, TPROXY or NONE",
-            ));
-        }
-    };
-
-    // Validated even when an include list makes them moot: a typo must not pass silently.
-    let excluded_inbound = all_excepted_inbound(ann)?;
-    let inbound = match get(istio::INCLUDE_INBOUND_PORTS) {
-        None => Inbound::AllExcept(excluded_inbound),
-        Some(v) if is_star(v) => Inbound::AllExcept(excluded_inbound),
-        Some(v) => {
-            let ports = ports(istio::INCLUDE_INBOUND_PORTS, v)?;
-            if ports.is_empty() {
-                Inbound::Off
-            } else {
-                Inbound::Only(ports)
-            }
-        }
-    };
-    let include_ranges = match get(istio::INCLUDE_OUTBOUND_IP_RANGES) {
-        None => OutboundRanges::All,
-        Some(v) => match cidrs(istio::INCLUDE_OUTBOUND_IP_RANGES, v)? {
-            CidrList::Star => OutboundRanges::All,
-            CidrList::Cidrs(c) => OutboundRanges::Only(c),
-        },
-    };
-    let exclude_ranges = match get(istio::EXCLUDE_OUTBOUND_IP_RANGES) {
-        None => Cidrs::default(),
-        Some(v) => match cidrs(istio::EXCLUDE_OUTBOUND_IP_RANGES, v)? {
-            CidrList::Star => Cidrs::everything(),
-            CidrList::Cidrs(c) => c,
-        },
-    };
-    let include_outbound_ports = optional_ports(ann, istio::INCLUDE_OUTBOUND_PORTS)?;
-    let exclude_outbound_ports = match get(istio::EXCLUDE_OUTBOUND_PORTS) {
-        None => istio::DEFAULT_EXCLUDED_OUTBOUND.into_iter().collect(),
-        Some(v) => ports(istio::EXCLUDE_OUTBOUND_PORTS, v)?,
-    };
-    let exclude_interfaces = match get(istio::EXCLUDE_INTERFACES) {
-        None => BTreeSet::new(),
-        Some(v) => items(v)
-            .map(|name| {
-                valid_ifname(name)
-                    .map(|()| name.to_string())
-                    .map_err(|why| bad(istio::EXCLUDE_INTERFACES, v, &format!("{name:?} {why}")))
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let capture_dns = match get(istio::CAPTURE_DNS) {
-        None => cfg.capture_dns,
-        Some(v) if is_false(v) => false,
-        Some(v) if is_true(v) => true,
-        Some(v) => return Err(bad(istio::CAPTURE_DNS, v, "must be true or false")),
-    };
-
-    // DNS excluded by port is not captured at all: its conntrack zones would otherwise split
-    // the query from its answer.
-    let dns_port = (capture_dns && !exclude_outbound_ports.contains(&53)).then_some(cfg.dns_port);
-    Ok(Decision::Capture(Plan {
-        mode,
-        proxy_uid: cfg.proxy_uid,
-        proxy_gid: cfg.proxy_gid,
+    let d = &profile.defaults;
+    let mut draft = Draft {
+        mode: Mode::Redirect,
+        uid: Some(cfg.proxy_uid),
+        gid: cfg.proxy_gid,
         outbound_port: cfg.outbound_port,
         inbound_port: cfg.inbound_port,
-        inbound,
-        include_ranges,
-        exclude_ranges,
-        include_outbound_ports,
-        exclude_outbound_ports,
-        exclude_interfaces,
-        dns_port,
-    }))
-}
-
-/// The error for a malformed annotation: code 100, naming the annotation and the value.
-fn bad(name: &str, value: &str, why: &str) -> CniError {
-    CniError::new(
-        code::BAD_ANNOTATION,
-        format!(
-            "invalid pod annotation {name}={:?}: {why}",
-            truncate(value, 200)
-        ),
-    )
-}
-
-/// Go's `strconv.ParseBool` false values, which is what Istio accepts (`"no"` is not false).
-fn is_false(v: &str) -> bool {
-    ["false", "f", "0"]
-        .iter()
-        .any(|f| v.trim().eq_ignore_ascii_case(f))
-}
-
-fn is_true(v: &str) -> bool {
-    ["true", "t", "1"]
-        .iter()
-        .any(|f| v.trim().eq_ignore_ascii_case(f))
-}
-
-fn is_star(v: &str) -> bool {
-    v.trim() == "*"
-}
-
-/// Comma-separated items with surrounding spaces trimmed and empty items dropped (Istio's
-/// splitting: `"80, 443,"` is two ports).
-fn items(v: &str) -> impl Iterator<Item = &str> {
-    v.split(',').map(str::trim).filter(|s| !s.is_empty())
-}
-
-fn ports(name: &str, v: &str) -> Result<BTreeSet<u16>, CniError> {
-    items(v)
-        .map(|item| match item.parse::<u32>() {
-            Ok(p @ 1..=65535) => Ok(p as u16),
-            _ if item == "*" => Err(bad(name, v, "'*' is not allowed in this list")),
-            _ => Err(bad(
-                name,
-                v,
-                &format!("{:?} is not a port number 1-65535", truncate(item, 40)),
-            )),
-        })
-        .collect()
-}
-
-fn lookup<'a>(ann: &'a Annotations, name: &str) -> Option<&'a str> {
-    ann.get(name).map(String::as_str)
-}
-
-fn optional_ports(ann: &Annotations, name: &str) -> Result<BTreeSet<u16>, CniError> {
-    lookup(ann, name).map_or(Ok(BTreeSet::new()), |v| ports(name, v))
-}
-
-fn all_excepted_inbound(ann: &Annotations) -> Result<BTreeSet<u16>, CniError> {
-    let mut ex = optional_ports(ann, istio::EXCLUDE_INBOUND_PORTS)?;
-    ex.extend(istio::ALWAYS_EXCLUDED_INBOUND);
-    Ok(ex)
-}
-
-enum CidrList {
-    Star,
-    Cidrs(Cidrs),
-}
-
-/// Parses a CIDR list. `*` anywhere means every address (as Istio treats it); a bare address is a
-/// /32 or /128; host bits are cleared (`10.1.2.3/8` is `10.0.0.0/8`, as iptables would apply it).
-fn cidrs(name: &str, v: &str) -> Result<CidrList, CniError> {
-    let mut out = Cidrs::default();
-    let mut star = false;
-    for item in items(v) {
-        // Every item is still checked: `*` must not hide a malformed one.
-        if item == "*" {
-            star = true;
-            continue;
-        }
-        let net = item
-            .parse::<IpNet>()
-            .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                bad(
-                    name,
-                    v,
+        include_inbound: None,
+        exclude_inbound: Ports::of(d.always_excluded_inbound).union(&cfg.exclude_inbound_ports),
+        inbound_enabled: true,
+        inbound_exclude_sources: Cidrs::default(),
+        outbound: true,
+        include_ranges: OutboundRanges::All,
+        include_has_loopback: false,
+        exclude_ranges: Cidrs::default(),
+        include_outbound_ports: Ports::default(),
+        exclude_outbound_ports: cfg.exclude_outbound_ports.clone(),
+        exclude_interfaces: BTreeSet::new(),
+        capture_dns: cfg.capture_dns,
+        dns_port: cfg.dns_port,
+        dns_zones: true,
+        ipv6: cfg.ipv6,
+        uid_exclusions: Vec::new(),
+        drop_invalid: false,
+    };
+    for a in profile.annotations {
+        let Some(v) = ann.get(a.name) else {
+            if a.field == Field::KumaConfig {
+                // kuma-cni fails the pod the same way: its whole configuration is missing.
+                return Err(bad(
+                    a.name,
+                    "",
                     &format!(
-                        "{:?} is not an IPv4 or IPv6 address or CIDR",
-                        truncate(item, 60)
+                        "missing: {} requires it on a pod with {}",
+                        profile.name,
+                        kuma_names::SIDECAR_INJECTED
                     ),
-                )
-            })?;
-        match net.trunc() {
-            IpNet::V4(n) => out.v4.push(n),
-            IpNet::V6(n) => out.v6.push(n),
+                ));
+            }
+            continue;
+        };
+        if let Step::Skip(why) = apply(profile, &mut draft, a.name, a.field, v)? {
+            return Ok(Decision::Skip(why));
         }
     }
-    out.v4.sort();
-    out.v4.dedup();
-    out.v6.sort();
-    out.v6.dedup();
-    Ok(if star {
-        CidrList::Star
+    Ok(Decision::Capture(finish(profile, draft, pod)))
+}
+
+/// Applies one annotation to the draft.
+fn apply(
+    profile: &Profile,
+    s: &mut Draft,
+    name: &str,
+    field: Field,
+    v: &str,
+) -> Result<Step, CniError> {
+    let ranges = profile.shape.port_ranges;
+    match field {
+        Field::Inject => {
+            // Go's ParseBool, as istio-cni reads it: a value that does not parse is not false.
+            if go_bool(v) == Some(false) {
+                return Ok(Step::Skip(format!("{name}={v:?}")));
+            }
+        }
+        Field::InterceptionMode => match v.trim() {
+            m if m.eq_ignore_ascii_case("REDIRECT") => s.mode = Mode::Redirect,
+            m if m.eq_ignore_ascii_case("TPROXY") => s.mode = Mode::Tproxy,
+            m if m.eq_ignore_ascii_case("NONE") => {
+                return Ok(Step::Skip(format!("{name}=NONE")));
+            }
+            _ => return Err(bad(name, v, "must be REDIRECT, TPROXY or NONE")),
+        },
+        Field::IncludeOutboundRanges => {
+            if lists::is_star(v) {
+                s.include_ranges = OutboundRanges::All;
+            } else {
+                let l = lists::cidrs(name, v)?;
+                s.include_has_loopback = l.has_loopback;
+                s.include_ranges = OutboundRanges::Only(l.cidrs);
+            }
+        }
+        Field::ExcludeOutboundRanges => s.exclude_ranges = lists::cidrs(name, v)?.cidrs,
+        Field::InboundExcludeSources => s.inbound_exclude_sources = lists::cidrs(name, v)?.cidrs,
+        Field::IncludeInboundPorts => {
+            s.include_inbound = if lists::is_star(v) {
+                None
+            } else {
+                Some(lists::ports(name, v, ranges)?)
+            };
+        }
+        Field::ExcludeInboundPorts => {
+            s.exclude_inbound = s.exclude_inbound.union(&lists::ports(name, v, ranges)?);
+        }
+        Field::IncludeOutboundPorts => s.include_outbound_ports = lists::ports(name, v, ranges)?,
+        Field::ExcludeOutboundPorts => s.exclude_outbound_ports = lists::ports(name, v, ranges)?,
+        Field::ExcludeInterfaces => s.exclude_interfaces = lists::ifnames(name, v)?,
+        Field::CaptureDns => s.capture_dns = lists::boolean(name, v)?,
+        Field::ProxyUid | Field::ProxyGid => {
+            let n = lists::go_int(name, v)?;
+            let id = match n {
+                // Linkerd writes the owner rule only for ids above 0.
+                ..=0 => None,
+                1..=0xffff_fffe => Some(n as u32),
+                _ => return Err(bad(name, v, "is not a valid uid/gid")),
+            };
+            if field == Field::ProxyUid {
+                s.uid = id;
+            } else {
+                s.gid = id;
+            }
+        }
+        Field::KumaConfig => return kuma::apply(name, v, s),
+    }
+    Ok(Step::Continue)
+}
+
+/// The last checks and the switches that depend on the whole draft.
+fn finish(profile: &Profile, s: Draft, pod: &Pod<'_>) -> Plan {
+    let inbound = if !s.inbound_enabled {
+        Inbound::Off
     } else {
-        CidrList::Cidrs(out)
-    })
+        match s.include_inbound {
+            None => Inbound::AllExcept(s.exclude_inbound),
+            Some(p) if p.is_empty() => Inbound::Off,
+            Some(p) => Inbound::Only(p),
+        }
+    };
+    // Istio: DNS excluded by port is not captured at all (its conntrack zones would otherwise
+    // split the query from its answer). Kuma captures UDP 53 before its port exclusions.
+    let dns_excluded =
+        profile.shape.dns == DnsShape::TcpAndUdp && s.exclude_outbound_ports.contains(53);
+    let dns = (s.capture_dns && !dns_excluded).then_some(Dns {
+        port: s.dns_port,
+        zones: s.dns_zones,
+    });
+    let passthrough6 = match profile.shape.passthrough6 {
+        profiles::Passthrough6::No => Passthrough6::No,
+        profiles::Passthrough6::PodHasIpv6 if pod.ipv6 => Passthrough6::Yes,
+        profiles::Passthrough6::PodHasIpv6 => Passthrough6::No,
+        profiles::Passthrough6::Ipv6Enabled if s.ipv6 => Passthrough6::IfIpv6Enabled,
+        profiles::Passthrough6::Ipv6Enabled => Passthrough6::No,
+    };
+    Plan {
+        mesh: profile.mesh,
+        mode: s.mode,
+        proxy_uid: s.uid,
+        proxy_gid: s.gid,
+        outbound_port: s.outbound_port,
+        inbound_port: s.inbound_port,
+        inbound,
+        inbound_exclude_sources: s.inbound_exclude_sources,
+        outbound: s.outbound,
+        include_ranges: s.include_ranges,
+        exclude_ranges: s.exclude_ranges,
+        include_outbound_ports: s.include_outbound_ports,
+        exclude_outbound_ports: s.exclude_outbound_ports,
+        exclude_interfaces: s.exclude_interfaces,
+        dns,
+        // TPROXY is Istio's, which always covers both families.
+        ipv6: s.ipv6 || s.mode == Mode::Tproxy,
+        app_loopback_return: !s.include_has_loopback,
+        passthrough6,
+        uid_exclusions: s.uid_exclusions,
+        drop_invalid: s.drop_invalid,
+        shape: profile.shape,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipnet::{Ipv4Net, Ipv6Net};
 
     fn ann(pairs: &[(&str, &str)]) -> Annotations {
         let mut a: Annotations = [(istio::STATUS.to_string(), "{}".to_string())].into();
@@ -367,6 +406,7 @@ mod tests {
                 namespace: Some("default"),
                 name: Some("web-0"),
                 annotations: Some(a),
+                ipv6: false,
             },
         )
     }
@@ -382,8 +422,8 @@ mod tests {
         decide_with(&ann(pairs)).unwrap_err()
     }
 
-    fn set(p: &[u16]) -> BTreeSet<u16> {
-        p.iter().copied().collect()
+    fn set(p: &[u16]) -> Ports {
+        Ports::of(p)
     }
 
     fn v4(s: &[&str]) -> Vec<Ipv4Net> {
@@ -398,7 +438,7 @@ mod tests {
     fn defaults_capture_everything_with_istio_exclusions() {
         let p = plan(&[]);
         assert_eq!(p.mode, Mode::Redirect);
-        assert_eq!((p.proxy_uid, p.proxy_gid), (1337, 1337));
+        assert_eq!((p.proxy_uid, p.proxy_gid), (Some(1337), Some(1337)));
         assert_eq!((p.outbound_port, p.inbound_port), (15001, 15006));
         assert_eq!(p.inbound, Inbound::AllExcept(set(&[15020, 15021, 15090])));
         assert_eq!(p.include_ranges, OutboundRanges::All);
@@ -406,7 +446,9 @@ mod tests {
         assert!(p.include_outbound_ports.is_empty());
         assert_eq!(p.exclude_outbound_ports, set(&[15020]));
         assert!(p.exclude_interfaces.is_empty());
-        assert_eq!(p.dns_port, None);
+        assert_eq!(p.dns, None);
+        assert!(p.app_loopback_return && p.ipv6);
+        assert_eq!(p.passthrough6, Passthrough6::No);
     }
 
     #[test]
@@ -415,12 +457,15 @@ mod tests {
         assert!(
             matches!(decide_with(&none).unwrap(), Decision::Skip(w) if w.contains(istio::STATUS))
         );
-        for f in ["false", "False", "FALSE", "f", "0", " false "] {
+        for f in ["false", "False", "FALSE", "f", "F", "0"] {
             let d = decide_with(&ann(&[(istio::INJECT, f)])).unwrap();
             assert!(matches!(d, Decision::Skip(_)), "{f}");
         }
-        // Any other value is "not a false value": captured.
-        for t in ["true", "yes", "no", "off", "whatever"] {
+        // Any other value is "not a false value" (Go's ParseBool fails on it, and istio-cni
+        // then captures): captured.
+        for t in [
+            "true", "yes", "no", "off", "whatever", "fALSE", " false ", "false ",
+        ] {
             assert!(matches!(
                 decide_with(&ann(&[(istio::INJECT, t)])).unwrap(),
                 Decision::Capture(_)
@@ -439,6 +484,7 @@ mod tests {
             namespace: Some("kube-system"),
             name: Some("coredns"),
             annotations: None,
+            ipv6: false,
         };
         assert!(
             matches!(decide(&cfg, &pod).unwrap(), Decision::Skip(w) if w.contains("kube-system"))
@@ -452,6 +498,7 @@ mod tests {
             namespace: Some("infra"),
             name: Some("x"),
             annotations: Some(&a),
+            ipv6: false,
         };
         assert!(matches!(decide(&cfg, &pod).unwrap(), Decision::Skip(_)));
         // kube-system is no longer excluded once the list is replaced.
@@ -468,6 +515,7 @@ mod tests {
             namespace: Some("default"),
             name: Some("web-0"),
             annotations: None,
+            ipv6: false,
         };
         let e = decide(&PluginConfig::default(), &pod).unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
@@ -550,8 +598,13 @@ mod tests {
             plan(&[(istio::INCLUDE_OUTBOUND_IP_RANGES, "")]).include_ranges,
             OutboundRanges::Only(Cidrs::default())
         );
+        // `*` counts only as the whole value.
         assert_eq!(
-            plan(&[(istio::INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8,*")]).include_ranges,
+            err(&[(istio::INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8,*")]).code,
+            code::BAD_ANNOTATION
+        );
+        assert_eq!(
+            plan(&[(istio::INCLUDE_OUTBOUND_IP_RANGES, " * ")]).include_ranges,
             OutboundRanges::All
         );
         let p = plan(&[(
@@ -574,8 +627,14 @@ mod tests {
             v4(&["10.0.0.0/8", "169.254.169.254/32"])
         );
         assert!(p.exclude_ranges.v6.is_empty());
-        let p = plan(&[(istio::EXCLUDE_OUTBOUND_IP_RANGES, "*")]);
-        assert_eq!(p.exclude_ranges, Cidrs::everything());
+        for star in ["*", "10.0.0.0/8,*"] {
+            let e = err(&[(istio::EXCLUDE_OUTBOUND_IP_RANGES, star)]);
+            assert_eq!(e.code, code::BAD_ANNOTATION, "{star}");
+        }
+        assert_eq!(
+            err(&[(istio::INCLUDE_INBOUND_PORTS, "80,*")]).code,
+            code::BAD_ANNOTATION
+        );
     }
 
     #[test]
@@ -644,12 +703,15 @@ mod tests {
 
     #[test]
     fn exclude_interfaces() {
-        let p = plan(&[(istio::EXCLUDE_INTERFACES, "eth1, net1")]);
+        let p = plan(&[(istio::EXCLUDE_INTERFACES, "eth1, net1, veth+")]);
         assert_eq!(
             p.exclude_interfaces,
-            ["eth1", "net1"].iter().map(|s| s.to_string()).collect()
+            ["eth1", "net1", "veth+"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
         );
-        for bad_value in ["a/b", "waytoolonginterfacename0", "a\"b", "a\\b"] {
+        for bad_value in ["a/b", "waytoolonginterfacename0", "a\"b", "a\\b", "ve+th"] {
             let e = err(&[(istio::EXCLUDE_INTERFACES, bad_value)]);
             assert_eq!(e.code, code::BAD_ANNOTATION);
             assert!(e.msg.contains(istio::EXCLUDE_INTERFACES));
@@ -658,7 +720,13 @@ mod tests {
 
     #[test]
     fn dns_capture_config_and_annotation() {
-        assert_eq!(plan(&[(istio::CAPTURE_DNS, "true")]).dns_port, Some(15053));
+        assert_eq!(
+            plan(&[(istio::CAPTURE_DNS, "true")]).dns,
+            Some(Dns {
+                port: 15053,
+                zones: true
+            })
+        );
         let cfg = PluginConfig {
             capture_dns: true,
             dns_port: 5353,
@@ -672,7 +740,7 @@ mod tests {
         let Decision::Capture(p) = decide(&cfg, &pod).unwrap() else {
             panic!()
         };
-        assert_eq!(p.dns_port, Some(5353));
+        assert_eq!(p.dns.map(|d| d.port), Some(5353));
         let a = ann(&[(istio::CAPTURE_DNS, "false")]);
         let pod = Pod {
             annotations: Some(&a),
@@ -681,7 +749,9 @@ mod tests {
         let Decision::Capture(p) = decide(&cfg, &pod).unwrap() else {
             panic!()
         };
-        assert_eq!(p.dns_port, None);
+        assert_eq!(p.dns, None);
+        assert!(p.app_loopback_return && p.ipv6);
+        assert_eq!(p.passthrough6, Passthrough6::No);
         assert_eq!(
             err(&[(istio::CAPTURE_DNS, "maybe")]).code,
             code::BAD_ANNOTATION
@@ -692,7 +762,7 @@ mod tests {
     fn config_values_flow_into_the_plan() {
         let cfg = PluginConfig {
             proxy_uid: 101,
-            proxy_gid: 202,
+            proxy_gid: Some(202),
             outbound_port: 7001,
             inbound_port: 7006,
             ..PluginConfig::default()
@@ -707,7 +777,7 @@ mod tests {
         };
         assert_eq!(
             (p.proxy_uid, p.proxy_gid, p.outbound_port, p.inbound_port),
-            (101, 202, 7001, 7006)
+            (Some(101), Some(202), 7001, 7006)
         );
     }
 
