@@ -8,6 +8,7 @@ pkgs=(
   iproute2                                 # tests: ip netns, veth
   containernetworking-plugins              # tests: the reference bridge/host-local/loopback/portmap
   nftables                                 # inspect rulesets (never used to apply them)
+  iptables                                 # tests: the meshes' own reference rules in twin pods
   shellcheck                               # lint scripts
   strace                                   # tests: prove the plugin execs nothing, opens only its netns
   containerd runc gcc libc6-dev            # tests: node e2e (a real CRI runtime; a static pause binary)

@@ -29,9 +29,19 @@ capture-probe [--netns PATH] [--gid N] [--uid N] COMMAND
         answer TCP connections (IPv4 and IPv6) with one line, until killed; prints `ready`
         once listening. --udp also echoes UDP datagrams, prefixed with NAME. --loopback
         listens on 127.0.0.1 and ::1 only (as Istio's DNS proxy does).
-  connect ADDR:PORT [--timeout-ms N] [--from IP [--mark N]]
+  connect ADDR:PORT [--timeout-ms N] [--from IP [--mark N]] [--bind IP]
         connect, print the server's line; exit 1 if nothing answered. --from binds a
         non-local source address (IP_TRANSPARENT, needs CAP_NET_ADMIN), --mark sets SO_MARK.
+        --bind binds a local source address first, as Envoy's inbound passthrough binds
+        127.0.0.6 or ::6 (fails with EADDRNOTAVAIL if the address is not on the pod).
+  validate istio|linkerd|kuma [--ipv6] [--timeout-ms N]
+        what each mesh's own init-container validator checks, exit codes included: istio's
+        istio-validation (listen 127.0.0.1:15001,15006, dial 127.0.0.6:15002 from 127.0.0.1,
+        pass when SO_ORIGINAL_DST says port 15002; exit 126 after 5 s), linkerd's
+        network-validator (listen on :4140, dial 1.1.1.1:20001 or [fd00::1]:20001, pass when
+        its own token comes back; exit 95 after 10 s), kuma's transparent-proxy validator
+        (listen 127.0.0.1:15006, dial 127.0.0.6:2xxxx from 127.0.0.1; exit 1 after 5 s).
+        Run it with the mesh's proxy uid (linkerd: 65534) as those validators run.
   udp ADDR:PORT [--timeout-ms N] [--from-port P]
         send one datagram, print the reply; exit 1 if none";
 
@@ -81,24 +91,34 @@ fn run(mut args: Vec<String>) -> Result<(), String> {
         let u = Uid::from_raw(num(&u, "uid")?);
         setresuid(u, u, u).map_err(|e| format!("setuid: {e}"))?;
     }
-    let timeout = Duration::from_millis(match take(&mut args, "--timeout-ms").pop() {
-        Some(t) => num(&t, "timeout")?,
-        None => 2000,
-    });
+    let explicit_timeout = take(&mut args, "--timeout-ms")
+        .pop()
+        .map(|t| num::<u64>(&t, "timeout"))
+        .transpose()?
+        .map(Duration::from_millis);
+    let timeout = explicit_timeout.unwrap_or(Duration::from_millis(2000));
     let Some(cmd) = args.first().cloned() else {
         return Err(USAGE.into());
     };
     args.remove(0);
     match cmd.as_str() {
         "serve" => serve(args),
+        "validate" => {
+            let ipv6 = take_bool(&mut args, "--ipv6");
+            let mesh = args.first().cloned().ok_or(USAGE)?;
+            let code = validate(&mesh, ipv6, explicit_timeout)?;
+            std::process::exit(code);
+        }
         "connect" => {
             let from = take(&mut args, "--from").pop();
             let mark = take(&mut args, "--mark").pop();
+            let bind = take(&mut args, "--bind").pop();
             let addr: SocketAddr = num(args.first().ok_or(USAGE)?, "address")?;
-            let mut s = match from {
-                None => TcpStream::connect_timeout(&addr, timeout)
+            let mut s = match (from, bind) {
+                (None, Some(b)) => bound_connect(addr, num(&b, "bind address")?, timeout)?,
+                (None, None) => TcpStream::connect_timeout(&addr, timeout)
                     .map_err(|e| format!("connect {addr}: {e}"))?,
-                Some(src) => transparent_connect(
+                (Some(src), _) => transparent_connect(
                     addr,
                     num(&src, "source address")?,
                     mark.map(|m| num(&m, "mark")).transpose()?,
@@ -169,6 +189,138 @@ fn transparent_connect(
     socket::connect(s.as_raw_fd(), &socket::SockaddrStorage::from(to))
         .map_err(|e| format!("connect {to} from {from}: {e}"))?;
     Ok(s)
+}
+
+/// Connects from a local address bound first (port chosen by the kernel).
+fn bound_connect(to: SocketAddr, from: IpAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let fd = bound(from, 0, socket::SockType::Stream, false)?;
+    let s = TcpStream::from(fd);
+    socket::setsockopt(
+        &s,
+        sockopt::SendTimeout,
+        &nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64),
+    )
+    .map_err(|e| e.to_string())?;
+    socket::connect(s.as_raw_fd(), &socket::SockaddrStorage::from(to))
+        .map_err(|e| format!("connect {to} from {from}: {e}"))?;
+    Ok(s)
+}
+
+/// One mesh's validator, as its init container runs it; returns the exit code.
+fn validate(mesh: &str, ipv6: bool, timeout: Option<Duration>) -> Result<i32, String> {
+    let (lo, passthrough) = if ipv6 {
+        (
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)),
+        )
+    } else {
+        (
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)),
+        )
+    };
+    let deadline = |d: u64| std::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(d));
+    match mesh {
+        // tools/istio-iptables/pkg/validation: listeners on the capture ports, a dial to
+        // 127.0.0.6:15002 once a second; the accepted connection's SO_ORIGINAL_DST port must
+        // be 15002.
+        "istio" => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            for port in [15001u16, 15006] {
+                let l = listener(lo, port, false)?;
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for c in l.incoming().flatten() {
+                        let _ = tx.send(original_dst(&c, false));
+                    }
+                });
+            }
+            let until = deadline(5);
+            while std::time::Instant::now() < until {
+                let _ = bound_connect(
+                    SocketAddr::new(passthrough, 15002),
+                    lo,
+                    Duration::from_secs(1),
+                );
+                if let Ok(orig) = rx.recv_timeout(Duration::from_secs(1))
+                    && orig.rsplit(':').next() == Some("15002")
+                {
+                    println!("istio validation passed: original destination {orig}");
+                    return Ok(0);
+                }
+            }
+            eprintln!("istio validation failed: no redirected connection to port 15002");
+            Ok(126)
+        }
+        // linkerd2-proxy-init validator: serve a token on :4140, dial 1.1.1.1:20001 (a
+        // non-local address), and read the token back through the redirect.
+        "linkerd" => {
+            let any = if ipv6 {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            };
+            let token = format!("mesh-redirect-validator-{}", std::process::id());
+            let l = listener(any, 4140, false)?;
+            let t = token.clone();
+            std::thread::spawn(move || {
+                for mut c in l.incoming().flatten() {
+                    let _ = writeln!(c, "{t}");
+                }
+            });
+            let target: SocketAddr = if ipv6 {
+                "[fd00::1]:20001".parse().map_err(|_| "addr")?
+            } else {
+                "1.1.1.1:20001".parse().map_err(|_| "addr")?
+            };
+            let until = deadline(10);
+            while std::time::Instant::now() < until {
+                if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut line = String::new();
+                    let _ = BufReader::new(&mut s).read_line(&mut line);
+                    if line.trim() == token {
+                        println!("linkerd validation passed");
+                        return Ok(0);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            eprintln!("linkerd validation failed: {target} did not reach :4140");
+            Ok(95)
+        }
+        // kuma's transparent-proxy validator: a server on localhost at the inbound port, a
+        // dial from localhost to the passthrough address at a random port that only the
+        // proxy's loopback rule sends to the inbound port.
+        "kuma" => {
+            let l = listener(lo, 15006, false)?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for c in l.incoming().flatten() {
+                    let _ = tx.send(original_dst(&c, false));
+                }
+            });
+            let port = 20000 + (std::process::id() % 10000) as u16;
+            let until = deadline(5);
+            while std::time::Instant::now() < until {
+                if bound_connect(
+                    SocketAddr::new(passthrough, port),
+                    lo,
+                    Duration::from_secs(1),
+                )
+                .is_ok()
+                    && let Ok(orig) = rx.recv_timeout(Duration::from_secs(1))
+                {
+                    println!("kuma validation passed: original destination {orig}");
+                    return Ok(0);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            eprintln!("kuma validation failed: {passthrough}:{port} did not reach 15006");
+            Ok(1)
+        }
+        other => Err(format!("unknown mesh {other:?} (istio, linkerd, kuma)")),
+    }
 }
 
 /// The original destination of an accepted connection.

@@ -120,7 +120,7 @@ impl PortList {
 
 /// Reads the YAML and applies it to the draft.
 pub(crate) fn apply(name: &str, v: &str, s: &mut Draft) -> Result<Step, CniError> {
-    let c: Config = serde_yaml_ng::from_str(v).map_err(|e| {
+    let c: Config = serde_saphyr::from_str(v).map_err(|e| {
         bad(
             name,
             v,
@@ -327,6 +327,136 @@ fn uid_exclusion(e: &str) -> Result<UidExclusion, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Annotations, PluginConfig};
+    use crate::policy::{Decision, Inbound, Pod, decide, kuma_names};
+
+    fn plan(yaml: &str) -> Result<Decision, CniError> {
+        let a: Annotations = [
+            (kuma_names::SIDECAR_INJECTED.to_string(), "true".to_string()),
+            (
+                kuma_names::TRANSPARENT_PROXY_CONFIG.to_string(),
+                yaml.to_string(),
+            ),
+        ]
+        .into();
+        let cfg = PluginConfig::for_mesh(crate::config::Mesh::Kuma);
+        decide(
+            &cfg,
+            &Pod {
+                namespace: Some("default"),
+                name: Some("web"),
+                annotations: Some(&a),
+                ipv6: true,
+            },
+        )
+    }
+
+    /// What the injector writes with Helm's defaults (block style, as `yaml.Marshal` does).
+    const DEFAULTS: &str = "cniMode: true
+ipFamilyMode: dualstack
+kumaDPUser: \"5678\"
+redirect:
+  dns:
+    captureAll: true
+    enabled: true
+    port: 15053
+    resolvConfigPath: /etc/resolv.conf
+    skipConntrackZoneSplit: false
+  inbound:
+    enabled: true
+    excludePorts:
+    - 9001
+    - 9902
+    port: 15006
+  outbound:
+    enabled: true
+    port: 15001
+retry:
+  maxRetries: 4
+  sleepBetweenRetries: 2s
+wait: 5
+waitInterval: 0
+";
+
+    #[test]
+    fn the_injectors_yaml_becomes_the_plan() {
+        let Decision::Capture(p) = plan(DEFAULTS).unwrap() else {
+            panic!("skipped")
+        };
+        assert_eq!(p.proxy_uid, Some(5678));
+        assert_eq!((p.outbound_port, p.inbound_port), (15001, 15006));
+        assert_eq!(p.inbound, Inbound::AllExcept(Ports::of(&[9001, 9902])));
+        assert_eq!(p.dns.map(|d| (d.port, d.zones)), Some((15053, true)));
+        assert!(p.ipv6 && p.proxy_gid.is_none());
+        // Flow style, strings for numbers, a comma string of ports, exclusions of every kind.
+        let y = "{cniMode: true, ipFamilyMode: ipv4, kumaDPUser: '1234', dropInvalidPackets: true,
+            redirect: {inbound: {port: '15555', excludePorts: '22, 80', excludePortsForIPs: ['10.0.0.0/8,fd00::/8']},
+            outbound: {excludePorts: [3306], excludePortsForIPs: ['192.168.0.1'], excludePortsForUIDs: ['tcp:22:1000-2000']},
+            dns: {enabled: false}}, unknownKey: 1}";
+        let Decision::Capture(p) = plan(y).unwrap() else {
+            panic!("skipped")
+        };
+        assert_eq!(p.proxy_uid, Some(1234));
+        assert_eq!(p.inbound_port, 15555);
+        assert_eq!(
+            p.inbound,
+            Inbound::AllExcept(Ports::of(&[22, 80, 9001, 9902]))
+        );
+        assert_eq!(p.inbound_exclude_sources.v4.len(), 1);
+        assert_eq!(p.inbound_exclude_sources.v6.len(), 1);
+        assert_eq!(p.exclude_outbound_ports, Ports::of(&[3306]));
+        assert_eq!(p.exclude_ranges.v4.len(), 1);
+        assert_eq!(p.uid_exclusions.len(), 1);
+        assert!(!p.ipv6 && p.drop_invalid && p.dns.is_none());
+    }
+
+    #[test]
+    fn skips_and_refusals_name_the_key() {
+        assert!(matches!(plan("cniMode: false").unwrap(), Decision::Skip(_)));
+        assert!(matches!(plan("{}").unwrap(), Decision::Skip(_)));
+        assert!(matches!(
+            plan("{cniMode: true, dryRun: true}").unwrap(),
+            Decision::Skip(_)
+        ));
+        for (yaml, key) in [
+            ("{cniMode: true, kumaDPUser: kuma-dp}", "kumaDPUser"),
+            ("{cniMode: true, ipFamilyMode: ipv6}", "ipFamilyMode"),
+            (
+                "{cniMode: true, redirect: {vnet: {networks: ['br+:10.0.0.0/8']}}}",
+                "vnet",
+            ),
+            (
+                "{cniMode: true, redirect: {dns: {enabled: true, captureAll: false}}}",
+                "captureAll",
+            ),
+            (
+                "{cniMode: true, redirect: {inbound: {excludePortsForUIDs: ['1000']}}}",
+                "excludePortsForUIDs",
+            ),
+            (
+                "{cniMode: true, redirect: {inbound: {port: 0}}}",
+                "redirect.inbound.port",
+            ),
+            (
+                "{cniMode: true, redirect: {outbound: {excludePorts: [70000]}}}",
+                "excludePorts",
+            ),
+            (
+                "{cniMode: true, redirect: {outbound: {excludePortsForIPs: [nope]}}}",
+                "excludePortsForIPs",
+            ),
+            ("{cniMode: true, redirect: [1, 2]}", "not Kuma's YAML"),
+            ("cniMode: [unclosed", "not Kuma's YAML"),
+        ] {
+            let e = plan(yaml).unwrap_err();
+            assert_eq!(e.code, 100, "{yaml}");
+            assert!(
+                e.msg.contains(key) && e.msg.contains(kuma_names::TRANSPARENT_PROXY_CONFIG),
+                "{yaml}: {}",
+                e.msg
+            );
+        }
+    }
 
     #[test]
     fn uid_exclusions() {

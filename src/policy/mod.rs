@@ -125,6 +125,8 @@ impl Plan {
 }
 
 /// The outcome for one pod.
+// One per invocation, moved once: boxing the plan would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Leave the pod alone; the reason is logged.
@@ -779,6 +781,112 @@ mod tests {
             (p.proxy_uid, p.proxy_gid, p.outbound_port, p.inbound_port),
             (Some(101), Some(202), 7001, 7006)
         );
+    }
+
+    fn linkerd(pairs: &[(&str, &str)]) -> Result<Decision, CniError> {
+        let mut a: Annotations = [(
+            linkerd::PROXY_VERSION.to_string(),
+            "stable-2.18".to_string(),
+        )]
+        .into();
+        for (k, v) in pairs {
+            a.insert(k.to_string(), v.to_string());
+        }
+        decide(
+            &PluginConfig::for_mesh(Mesh::Linkerd),
+            &Pod {
+                namespace: Some("default"),
+                name: Some("web-0"),
+                annotations: Some(&a),
+                ipv6: true,
+            },
+        )
+    }
+
+    #[test]
+    fn linkerd_profile() {
+        let Decision::Capture(p) = linkerd(&[]).unwrap() else {
+            panic!()
+        };
+        assert_eq!((p.proxy_uid, p.proxy_gid), (Some(2102), None));
+        assert_eq!((p.outbound_port, p.inbound_port), (4140, 4143));
+        assert_eq!(p.inbound, Inbound::AllExcept(Ports::of(&[4190, 4191])));
+        assert!(p.exclude_outbound_ports.is_empty() && !p.ipv6 && p.dns.is_none());
+        assert_eq!(p.passthrough6, Passthrough6::No);
+        let Decision::Capture(p) = linkerd(&[
+            (linkerd::SKIP_INBOUND_PORTS, "22, 5000-5010"),
+            (linkerd::SKIP_OUTBOUND_PORTS, "443,6443"),
+            (linkerd::SKIP_SUBNETS, "10.0.0.0/8, fd00::/8"),
+            (linkerd::PROXY_UID, "3000"),
+            (linkerd::PROXY_GID, "3001"),
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            p.inbound,
+            Inbound::AllExcept(Ports::from_ranges([(22, 22), (4190, 4191), (5000, 5010)]))
+        );
+        assert_eq!(p.exclude_outbound_ports, Ports::of(&[443, 6443]));
+        assert_eq!(
+            p.inbound_exclude_sources.v4.len() + p.inbound_exclude_sources.v6.len(),
+            2
+        );
+        assert_eq!((p.proxy_uid, p.proxy_gid), (Some(3000), Some(3001)));
+        // uid/gid 0 or less: no owner rule, as linkerd-cni writes none.
+        let Decision::Capture(p) =
+            linkerd(&[(linkerd::PROXY_UID, "0"), (linkerd::PROXY_GID, "-1")]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((p.proxy_uid, p.proxy_gid), (None, None));
+        // Malformed values are code 100 (linkerd-cni drops a bad port silently; we do not).
+        for (k, v) in [
+            (linkerd::SKIP_OUTBOUND_PORTS, "443,abc"),
+            (linkerd::SKIP_INBOUND_PORTS, "10-5"),
+            (linkerd::SKIP_SUBNETS, "10.0.0.0/33"),
+            (linkerd::PROXY_UID, "x"),
+            (linkerd::PROXY_GID, " 1"),
+        ] {
+            let e = linkerd(&[(k, v)]).unwrap_err();
+            assert_eq!(e.code, code::BAD_ANNOTATION, "{k}={v}");
+            assert!(e.msg.contains(k) && e.msg.contains(v.trim()), "{}", e.msg);
+        }
+        // No proxy-version: no sidecar.
+        let none = Annotations::new();
+        let pod = Pod {
+            annotations: Some(&none),
+            ..Pod::default()
+        };
+        assert!(matches!(
+            decide(&PluginConfig::for_mesh(Mesh::Linkerd), &pod).unwrap(),
+            Decision::Skip(w) if w.contains(linkerd::PROXY_VERSION)
+        ));
+    }
+
+    #[test]
+    fn kuma_needs_the_exact_marker_and_its_config() {
+        let cfg = PluginConfig::for_mesh(Mesh::Kuma);
+        for v in ["True", "yes", "1"] {
+            let a: Annotations = [(kuma_names::SIDECAR_INJECTED.to_string(), v.to_string())].into();
+            let pod = Pod {
+                annotations: Some(&a),
+                ..Pod::default()
+            };
+            assert!(
+                matches!(decide(&cfg, &pod).unwrap(), Decision::Skip(_)),
+                "{v}"
+            );
+        }
+        let a: Annotations =
+            [(kuma_names::SIDECAR_INJECTED.to_string(), "true".to_string())].into();
+        let pod = Pod {
+            annotations: Some(&a),
+            ..Pod::default()
+        };
+        let e = decide(&cfg, &pod).unwrap_err();
+        assert_eq!(e.code, code::BAD_ANNOTATION);
+        assert!(e.msg.contains(kuma_names::TRANSPARENT_PROXY_CONFIG) && e.msg.contains("missing"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cnichain;
+pub mod twin;
 
 use cnichain::{Attachment, PluginError, Runtime};
 use serde_json::{Value, json};
