@@ -434,6 +434,10 @@ fn inbound_selection(
     plan: &Plan,
     ifaces: &Ifaces,
 ) -> Option<(Vec<Rule>, Vec<Match>)> {
+    // Nothing captured inbound: no rule, and no set that no rule would look up.
+    if plan.inbound == Inbound::Off {
+        return None;
+    }
     let mut rules = ifaces.returns(true);
     if let Some(port) = plan.shape.tunnel_port {
         rules.push(rule(
@@ -624,10 +628,15 @@ fn outbound_chains(b: &mut Builder, plan: &Plan, ifaces: &Ifaces) -> Vec<Chain> 
         return Vec::new();
     }
     let mut r = ifaces.returns(false);
-    let exclude = b.cidrs(
-        [SET_OUT_EXCLUDE_V4, SET_OUT_EXCLUDE_V6],
-        &plan.exclude_ranges,
-    );
+    // Excluded destinations matter only in front of something captured.
+    let exclude = if plan.outbound || shape.exclude_dst_first {
+        b.cidrs(
+            [SET_OUT_EXCLUDE_V4, SET_OUT_EXCLUDE_V6],
+            &plan.exclude_ranges,
+        )
+    } else {
+        [None, None]
+    };
     let mut excluded_dst: Vec<Rule> = [Family::V4, Family::V6]
         .into_iter()
         .zip(exclude)
@@ -1087,6 +1096,34 @@ mod tests {
                 .all(|r| matches!(r.action, Action::CtZone(_)))
         );
         assert!(rs.chains.iter().any(|c| c.name == "dns_zone_in"));
+    }
+
+    /// Found by fuzzing: an excluded-source set with inbound capture off was left with no
+    /// rule looking it up.
+    #[test]
+    fn no_set_without_a_rule_when_inbound_is_off() {
+        let mut a: Annotations = [(
+            crate::policy::linkerd::PROXY_VERSION.to_string(),
+            "x".to_string(),
+        )]
+        .into();
+        a.insert(
+            crate::policy::linkerd::SKIP_SUBNETS.into(),
+            "10.0.0.0/8".into(),
+        );
+        let pod = Pod {
+            annotations: Some(&a),
+            ..Pod::default()
+        };
+        let mut cfg = PluginConfig::for_mesh(crate::config::Mesh::Linkerd);
+        cfg.exclude_inbound_ports = crate::policy::Ports::from_ranges([(1, 65535)]);
+        let Decision::Capture(p) = decide(&cfg, &pod).unwrap() else {
+            panic!()
+        };
+        let mut p = p;
+        p.inbound = Inbound::Off;
+        let rs = build(&p);
+        assert!(rs.set(SET_IN_EXCLUDE_SRC_V4).is_none());
     }
 
     #[test]

@@ -1,19 +1,21 @@
-//! Property tests: random annotation sets against a simple reference model of SPEC §4 that
-//! decides "captured to which port / not captured" for a connection.
+//! Property tests: random annotation sets against simple reference models — SPEC §4 for Istio
+//! (with its parity amendments: loopback includes, interface wildcards), and Linkerd's and
+//! Kuma's published rules — that decide "captured to which port / not captured" for a
+//! connection.
 //!
 //! 1. Pure: the ruleset mesh-redirect builds, run through a small interpreter of its rules,
 //!    agrees with the model for thousands of random (policy, connection) pairs.
 //! 2. Kernel: for a sample, the real ruleset in a real pod namespace, real connections (app,
 //!    proxy uid, proxy gid, from outside) agree with the model too.
 //!
-//! The model is written from the SPEC's text, not from the code: it reads the generated lists
-//! directly, never mesh-redirect's parsed plan.
+//! The models are written from the SPEC's text and the meshes' rules, not from the code: they
+//! read the generated lists directly, never mesh-redirect's parsed plan.
 
 mod common;
 
 use common::*;
 use ipnet::IpNet;
-use mesh_redirect::config::{Annotations, PluginConfig};
+use mesh_redirect::config::{Annotations, Mesh, PluginConfig};
 use mesh_redirect::policy::{self, Decision, Pod as PolicyPod};
 use mesh_redirect::ruleset::{self, Action, Cmp, Elems, Family, L4, Match, Ruleset};
 use proptest::prelude::*;
@@ -23,7 +25,39 @@ const PROXY_ID: u32 = 1337;
 const OUT_PORT: u16 = 15001;
 const IN_PORT: u16 = 15006;
 
-/// A random policy: the values the annotations are made from.
+/// A random policy of one of the meshes.
+#[derive(Debug, Clone)]
+enum Case {
+    Istio(Policy),
+    Linkerd(LinkerdPolicy),
+    Kuma(KumaPolicy),
+}
+
+/// Linkerd: skip lists (with ranges), skip-subnets (inbound sources), the proxy's ids, IPv6.
+#[derive(Debug, Clone)]
+struct LinkerdPolicy {
+    skip_in: Vec<(u16, u16)>,
+    skip_out: Vec<(u16, u16)>,
+    subnets: Vec<IpNet>,
+    gid: bool,
+    ipv6: bool,
+}
+
+/// Kuma: the YAML's ports, IPs and uid exclusions, include lists, IP family.
+#[derive(Debug, Clone)]
+struct KumaPolicy {
+    exclude_in: Vec<u16>,
+    include_in: Vec<u16>,
+    exclude_out: Vec<u16>,
+    include_out: Vec<u16>,
+    exclude_in_ips: Vec<IpNet>,
+    exclude_out_ips: Vec<IpNet>,
+    /// (port, uid range) for TCP.
+    uid_exclusions: Vec<(u16, (u32, u32))>,
+    ipv4_only: bool,
+}
+
+/// A random Istio policy: the values the annotations are made from.
 #[derive(Debug, Clone)]
 struct Policy {
     include_ranges: Option<Vec<IpNet>>, // None: "*"
@@ -32,7 +66,250 @@ struct Policy {
     exclude_inbound: Vec<u16>,
     include_outbound_ports: Vec<u16>,
     exclude_outbound_ports: Option<Vec<u16>>, // None: annotation absent (default 15020)
+    /// Names; a trailing `+` is a prefix wildcard.
     exclude_ifaces: Vec<String>,
+}
+
+fn range_list(v: &[(u16, u16)]) -> String {
+    v.iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Case {
+    fn mesh(&self) -> Mesh {
+        match self {
+            Case::Istio(_) => Mesh::Istio,
+            Case::Linkerd(_) => Mesh::Linkerd,
+            Case::Kuma(_) => Mesh::Kuma,
+        }
+    }
+
+    /// The conflist entry's keys for this case.
+    fn conf(&self) -> serde_json::Value {
+        match self {
+            Case::Istio(_) => serde_json::json!({}),
+            Case::Linkerd(l) => serde_json::json!({"mesh": "linkerd", "ipv6": l.ipv6}),
+            Case::Kuma(_) => serde_json::json!({"mesh": "kuma"}),
+        }
+    }
+
+    fn annotations(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Case::Istio(p) => p.annotations(),
+            Case::Linkerd(l) => {
+                let mut a = vec![
+                    (policy::linkerd::PROXY_VERSION, "stable-2.18.0".to_string()),
+                    (policy::linkerd::SKIP_INBOUND_PORTS, range_list(&l.skip_in)),
+                    (
+                        policy::linkerd::SKIP_OUTBOUND_PORTS,
+                        range_list(&l.skip_out),
+                    ),
+                    (policy::linkerd::SKIP_SUBNETS, list(&l.subnets)),
+                ];
+                if l.gid {
+                    a.push((policy::linkerd::PROXY_GID, LINKERD_UID.to_string()));
+                }
+                a
+            }
+            Case::Kuma(k) => {
+                let ips = |v: &[IpNet]| format!("[{:?}]", list(v));
+                let uids: Vec<String> = k
+                    .uid_exclusions
+                    .iter()
+                    .map(|(p, (a, b))| format!("\"tcp:{p}:{a}-{b}\""))
+                    .collect();
+                let yaml = format!(
+                    "{{cniMode: true, ipFamilyMode: {}, redirect: {{inbound: {{excludePorts: [{}], includePorts: [{}], excludePortsForIPs: {}}}, outbound: {{excludePorts: [{}], includePorts: [{}], excludePortsForIPs: {}, excludePortsForUIDs: [{}]}}}}}}",
+                    if k.ipv4_only { "ipv4" } else { "dualstack" },
+                    list(&k.exclude_in),
+                    list(&k.include_in),
+                    if k.exclude_in_ips.is_empty() {
+                        "[]".into()
+                    } else {
+                        ips(&k.exclude_in_ips)
+                    },
+                    list(&k.exclude_out),
+                    list(&k.include_out),
+                    if k.exclude_out_ips.is_empty() {
+                        "[]".into()
+                    } else {
+                        ips(&k.exclude_out_ips)
+                    },
+                    uids.join(", "),
+                );
+                vec![
+                    (policy::kuma_names::SIDECAR_INJECTED, "true".to_string()),
+                    (policy::kuma_names::TRANSPARENT_PROXY_CONFIG, yaml),
+                ]
+            }
+        }
+    }
+
+    /// The proxy's uid (and gid) in this mesh.
+    fn proxy_id(&self) -> u32 {
+        match self {
+            Case::Istio(_) => PROXY_ID,
+            Case::Linkerd(_) => LINKERD_UID,
+            Case::Kuma(_) => KUMA_UID,
+        }
+    }
+
+    /// (outbound, inbound) capture ports.
+    fn ports(&self) -> (u16, u16) {
+        match self {
+            Case::Linkerd(_) => (4140, 4143),
+            _ => (OUT_PORT, IN_PORT),
+        }
+    }
+}
+
+const LINKERD_UID: u32 = 2102;
+const KUMA_UID: u32 = 5678;
+
+fn in_ranges(r: &[(u16, u16)], p: u16) -> bool {
+    r.iter().any(|&(a, b)| a <= p && p <= b)
+}
+
+/// linkerd2-proxy-init's rules (183e791), read off `iptables.go`: inbound skips ports (4190,
+/// 4191 always) and source subnets, then redirects TCP to 4143; outbound returns the proxy's
+/// uid (and gid when set), everything out `lo`, skipped ports, then redirects TCP to 4140.
+/// IPv6 only with the entry's `ipv6`.
+fn linkerd_model(l: &LinkerdPolicy, c: &Conn) -> Verdict {
+    use Verdict::*;
+    let v6 = match c {
+        Conn::In { dst, .. } | Conn::Out { dst, .. } => dst.is_ipv6(),
+    };
+    if v6 && !l.ipv6 {
+        return NotCaptured;
+    }
+    match *c {
+        Conn::In { src, dport, .. } => {
+            if [4190, 4191].contains(&dport)
+                || in_ranges(&l.skip_in, dport)
+                || in_any(&l.subnets, src)
+            {
+                NotCaptured
+            } else {
+                To(4143)
+            }
+        }
+        Conn::Out {
+            uid,
+            gid,
+            oif,
+            dport,
+            ..
+        } => {
+            if uid == LINKERD_UID
+                || (l.gid && gid == LINKERD_UID)
+                || oif == "lo"
+                || in_ranges(&l.skip_out, dport)
+            {
+                NotCaptured
+            } else {
+                To(4140)
+            }
+        }
+    }
+}
+
+/// Kuma's builder (348b652), read off the generated rules: excluded outbound IPs and uid
+/// exclusions return first; KUMA_MESH_OUTBOUND returns excluded ports, the passthrough source
+/// on `lo`, sends the proxy's `lo` traffic to a non-localhost address inbound, returns other
+/// `lo` traffic, the proxy's own, localhost; then redirects (only included ports, if any).
+/// Inbound returns excluded sources and ports (9001, 9902 always), or redirects only included
+/// ports. `ipFamilyMode: ipv4` leaves IPv6 alone.
+fn kuma_model(k: &KumaPolicy, c: &Conn) -> Verdict {
+    use Verdict::*;
+    let v6 = match c {
+        Conn::In { dst, .. } | Conn::Out { dst, .. } => dst.is_ipv6(),
+    };
+    if v6 && k.ipv4_only {
+        return NotCaptured;
+    }
+    match *c {
+        Conn::In { src, dport, .. } => {
+            if in_any(&k.exclude_in_ips, src) {
+                return NotCaptured;
+            }
+            if !k.include_in.is_empty() {
+                return if k.include_in.contains(&dport) {
+                    To(IN_PORT)
+                } else {
+                    NotCaptured
+                };
+            }
+            if [9001, 9902].contains(&dport) || k.exclude_in.contains(&dport) {
+                NotCaptured
+            } else {
+                To(IN_PORT)
+            }
+        }
+        Conn::Out {
+            uid,
+            oif,
+            src,
+            dst,
+            dport,
+            ..
+        } => {
+            let lo = oif == "lo";
+            if in_any(&k.exclude_out_ips, dst)
+                || k.uid_exclusions
+                    .iter()
+                    .any(|&(p, (a, b))| p == dport && a <= uid && uid <= b)
+            {
+                return NotCaptured;
+            }
+            // With includePorts, Kuma's excludePorts do not apply.
+            if k.include_out.is_empty() && k.exclude_out.contains(&dport) {
+                return NotCaptured;
+            }
+            if lo
+                && (src == IpAddr::from([127, 0, 0, 6]) || src == "::6".parse::<IpAddr>().unwrap())
+            {
+                return NotCaptured;
+            }
+            if lo && !is_loopback_dst(dst) && uid == KUMA_UID {
+                return To(IN_PORT);
+            }
+            if lo || uid == KUMA_UID || is_loopback_dst(dst) {
+                return NotCaptured;
+            }
+            if !k.include_out.is_empty() {
+                return if k.include_out.contains(&dport) {
+                    To(OUT_PORT)
+                } else {
+                    NotCaptured
+                };
+            }
+            To(OUT_PORT)
+        }
+    }
+}
+
+fn case_model(c: &Case, conn: &Conn) -> Verdict {
+    match c {
+        Case::Istio(p) => model(p, conn),
+        Case::Linkerd(l) => linkerd_model(l, conn),
+        Case::Kuma(k) => kuma_model(k, conn),
+    }
+}
+
+/// An interface name matches an excluded one (`name+`: any name with that prefix).
+fn iface_excluded(list: &[String], name: &str) -> bool {
+    list.iter().any(|i| match i.strip_suffix('+') {
+        Some(prefix) => name.starts_with(prefix),
+        None => i == name,
+    })
 }
 
 fn list<T: ToString>(v: &[T]) -> String {
@@ -88,6 +365,7 @@ enum Conn {
     },
     In {
         iif: &'static str,
+        src: IpAddr,
         dst: IpAddr,
         dport: u16,
     },
@@ -112,7 +390,7 @@ fn model(p: &Policy, c: &Conn) -> Verdict {
     use Verdict::*;
     match *c {
         Conn::In { iif, dport, .. } => {
-            if p.exclude_ifaces.iter().any(|i| i == iif) || dport == 15008 {
+            if iface_excluded(&p.exclude_ifaces, iif) || dport == 15008 {
                 return NotCaptured;
             }
             match &p.include_inbound {
@@ -137,7 +415,7 @@ fn model(p: &Policy, c: &Conn) -> Verdict {
             dport,
         } => {
             let lo = oif == "lo";
-            if p.exclude_ifaces.iter().any(|i| i == oif) {
+            if iface_excluded(&p.exclude_ifaces, oif) {
                 return NotCaptured;
             }
             let excluded_ports = p
@@ -152,12 +430,17 @@ fn model(p: &Policy, c: &Conn) -> Verdict {
             {
                 return NotCaptured;
             }
-            // rules 4-5 (uid), then 6 (the same for gid)
+            // rules 4-5 (uid), then 6 (the same for gid); Istio's HasLoopBackIP: an include
+            // range holding a loopback address drops "out lo, not the proxy → not captured".
+            let has_loopback = p
+                .include_ranges
+                .as_ref()
+                .is_some_and(|r| r.iter().any(|n| n.addr().is_loopback()));
             for owner_matches in [uid == PROXY_ID, gid == PROXY_ID] {
                 if lo && !is_loopback_dst(dst) && dport != 15008 && owner_matches {
                     return To(IN_PORT);
                 }
-                if lo || owner_matches {
+                if (lo && !has_loopback) || owner_matches {
                     return NotCaptured;
                 }
             }
@@ -223,8 +506,13 @@ fn matches(rs: &Ruleset, m: &Match, c: &Conn) -> bool {
             src,
             dst,
             dport,
-        } => ("", oif, Some(src), dst, dport, Some(uid), Some(gid)),
-        Conn::In { iif, dst, dport } => (iif, "", None, dst, dport, None, None),
+        } => ("", oif, src, dst, dport, Some(uid), Some(gid)),
+        Conn::In {
+            iif,
+            src,
+            dst,
+            dport,
+        } => (iif, "", src, dst, dport, None, None),
     };
     let family = if dst.is_ipv4() {
         Family::V4
@@ -247,7 +535,19 @@ fn matches(rs: &Ruleset, m: &Match, c: &Conn) -> bool {
             s,
             |e| matches!(e, Elems::Ifnames(v) if v.iter().any(|n| n == oif)),
         ),
-        Match::Saddr(a) => Some(*a) == src,
+        Match::IifnamePrefix(p) => iif.starts_with(p.as_str()),
+        Match::OifnamePrefix(p) => oif.starts_with(p.as_str()),
+        Match::Saddr(a) => *a == src,
+        Match::SaddrIn(f, s) => {
+            *f == family
+                && set_has(rs, s, |e| match (e, src) {
+                    (Elems::V4(v), IpAddr::V4(a)) => v.iter().any(|n| n.contains(&a)),
+                    (Elems::V6(v), IpAddr::V6(a)) => v.iter().any(|n| n.contains(&a)),
+                    _ => false,
+                })
+        }
+        Match::DportRange(a, b) => *a <= dport && dport <= *b,
+        Match::SkUidRange(a, b) => uid.is_some_and(|u| *a <= u && u <= *b),
         Match::Daddr(c, a) => cmp(c, *a == dst),
         Match::DaddrIn(f, s) => {
             *f == family
@@ -258,28 +558,36 @@ fn matches(rs: &Ruleset, m: &Match, c: &Conn) -> bool {
                 })
         }
         Match::Dport(c, p) => cmp(c, *p == dport),
-        Match::DportIn(s) => set_has(
-            rs,
-            s,
-            |e| matches!(e, Elems::Ports(v) if v.contains(&dport)),
-        ),
+        Match::DportIn(s) => set_has(rs, s, |e| match e {
+            Elems::Ports(v) => v.contains(&dport),
+            Elems::PortRanges(v) => v.iter().any(|&(a, b)| a <= dport && dport <= b),
+            _ => false,
+        }),
         Match::SkUid(c, u) => uid.is_some_and(|x| cmp(c, x == *u)),
         Match::SkGid(c, g) => gid.is_some_and(|x| cmp(c, x == *g)),
         other => panic!("unexpected match in REDIRECT mode: {other:?}"),
     }
 }
 
-fn build(p: &Policy) -> Ruleset {
-    let ann: Annotations = p
+fn build(c: &Case) -> Ruleset {
+    let ann: Annotations = c
         .annotations()
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
     let pod = PolicyPod {
         annotations: Some(&ann),
+        ipv6: true,
         ..PolicyPod::default()
     };
-    match policy::decide(&PluginConfig::default(), &pod).expect("generated policies are valid") {
+    let cfg = match c {
+        Case::Linkerd(l) => PluginConfig {
+            ipv6: l.ipv6,
+            ..PluginConfig::for_mesh(Mesh::Linkerd)
+        },
+        other => PluginConfig::for_mesh(other.mesh()),
+    };
+    match policy::decide(&cfg, &pod).expect("generated policies are valid") {
         Decision::Capture(plan) => ruleset::build(&plan),
         Decision::Skip(w) => panic!("skipped: {w}"),
     }
@@ -310,6 +618,7 @@ fn net() -> impl Strategy<Value = IpNet> {
         Just("fd88::/64".parse().unwrap()),
         Just("fd88::50/128".parse().unwrap()),
         Just("fd99::/16".parse().unwrap()),
+        Just("127.0.0.0/8".parse().unwrap()),
     ]
 }
 
@@ -333,7 +642,12 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
         ports(),
         prop::option::weighted(0.5, ports()),
         prop::collection::vec(
-            prop::sample::select(vec!["eth0".to_string(), "eth1".to_string()]),
+            prop::sample::select(vec![
+                "eth0".to_string(),
+                "eth1".to_string(),
+                "eth+".to_string(),
+                "veth+".to_string(),
+            ]),
             0..2,
         ),
     )
@@ -349,14 +663,90 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
         })
 }
 
-fn conn_strategy() -> impl Strategy<Value = Conn> {
+fn port_ranges() -> impl Strategy<Value = Vec<(u16, u16)>> {
+    prop::collection::vec(
+        prop_oneof![
+            port().prop_map(|p| (p, p)),
+            Just((8000, 8099)),
+            Just((3000, 3400)),
+            Just((15000, 15100)),
+        ],
+        0..3,
+    )
+}
+
+fn linkerd_strategy() -> impl Strategy<Value = LinkerdPolicy> {
+    (
+        port_ranges(),
+        port_ranges(),
+        prop::collection::vec(
+            net().prop_filter("not loopback", |n| !n.addr().is_loopback()),
+            0..3,
+        ),
+        prop::bool::ANY,
+        prop::bool::ANY,
+    )
+        .prop_map(|(skip_in, skip_out, subnets, gid, ipv6)| LinkerdPolicy {
+            skip_in,
+            skip_out,
+            subnets,
+            gid,
+            ipv6,
+        })
+}
+
+fn kuma_strategy() -> impl Strategy<Value = KumaPolicy> {
+    let nets = || {
+        prop::collection::vec(
+            net().prop_filter("not loopback", |n| !n.addr().is_loopback()),
+            0..3,
+        )
+    };
+    (
+        ports(),
+        prop::option::weighted(0.2, ports()),
+        ports(),
+        prop::option::weighted(0.2, ports()),
+        nets(),
+        nets(),
+        prop::collection::vec(
+            (
+                port(),
+                prop::sample::select(vec![(1000u32, 1000u32), (900, 1100), (2000, 2000)]),
+            ),
+            0..2,
+        ),
+        prop::bool::weighted(0.3),
+    )
+        .prop_map(|(ei, ii, eo, io, eii, eoi, ux, v4)| KumaPolicy {
+            exclude_in: ei,
+            include_in: ii.unwrap_or_default(),
+            exclude_out: eo,
+            include_out: io.unwrap_or_default(),
+            exclude_in_ips: eii,
+            exclude_out_ips: eoi,
+            uid_exclusions: ux,
+            ipv4_only: v4,
+        })
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    prop_oneof![
+        2 => policy_strategy().prop_map(Case::Istio),
+        1 => linkerd_strategy().prop_map(Case::Linkerd),
+        1 => kuma_strategy().prop_map(Case::Kuma),
+    ]
+}
+
+/// A connection, with the proxy identities of `proxy` (the mesh's proxy uid/gid).
+fn conn_strategy_for(proxy: u32) -> impl Strategy<Value = Conn> {
     prop_oneof![
         (
             prop::sample::select(vec![
                 (1000u32, 1000u32),
-                (PROXY_ID, PROXY_ID),
-                (2000, PROXY_ID),
-                (PROXY_ID, 2000)
+                (proxy, proxy),
+                (2000, proxy),
+                (proxy, 2000)
             ]),
             prop::sample::select(vec!["eth0", "lo"]),
             addr(),
@@ -386,30 +776,50 @@ fn conn_strategy() -> impl Strategy<Value = Conn> {
             port(),
             prop::bool::ANY
         )
-            .prop_map(|(iif, dport, v6)| Conn::In {
-                iif,
-                dst: if v6 {
-                    "fd88::2".parse().unwrap()
+            .prop_map(|(iif, dport, v6)| {
+                // From the node's address on the pod's bridge, as the real traffic comes.
+                let (src, dst) = if v6 {
+                    ("fd88::1", "fd88::2")
                 } else {
-                    "10.88.0.2".parse().unwrap()
-                },
-                dport,
+                    ("10.88.0.1", "10.88.0.2")
+                };
+                Conn::In {
+                    iif,
+                    src: src.parse().unwrap(),
+                    dst: dst.parse().unwrap(),
+                    dport,
+                }
             }),
     ]
+}
+
+fn case_and_conn() -> impl Strategy<Value = (Case, Conn)> {
+    case_strategy().prop_flat_map(|c| {
+        let id = c.proxy_id();
+        (Just(c), conn_strategy_for(id))
+    })
+}
+
+fn case_and_conns(n: usize) -> impl Strategy<Value = (Case, Vec<Conn>)> {
+    case_strategy().prop_flat_map(move |c| {
+        let id = c.proxy_id();
+        (Just(c), prop::collection::vec(conn_strategy_for(id), n))
+    })
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 4000, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn built_ruleset_agrees_with_the_spec_model(p in policy_strategy(), c in conn_strategy()) {
-        let rs = build(&p);
-        prop_assert_eq!(interpret(&rs, &c), model(&p, &c), "policy {:?}\nconnection {:?}", p, c);
+    fn built_ruleset_agrees_with_the_model((case, c) in case_and_conn()) {
+        let rs = build(&case);
+        prop_assert_eq!(interpret(&rs, &c), case_model(&case, &c), "policy {:?}\nconnection {:?}", case, c);
     }
 }
 
-/// One real connection in a real pod: who answers. Returns the verdict it implies.
-fn observe(pod: &Pod, c: &Conn) -> Verdict {
+/// One real connection in a real pod: who answers. Returns the verdict it implies, and the
+/// answer.
+fn observe(pod: &Pod, c: &Conn) -> (Verdict, Result<String, String>) {
     let line = match *c {
         Conn::Out {
             uid,
@@ -418,13 +828,38 @@ fn observe(pod: &Pod, c: &Conn) -> Verdict {
             dport,
             ..
         } => pod.dial_from_pod(Ident { uid, gid }, &hp(&dst.to_string(), dport)),
-        Conn::In { dst, dport, .. } => pod.dial_from_node(&hp(&dst.to_string(), dport)),
+        // From the source the model assumes (the node has several addresses on the bridge).
+        Conn::In {
+            src, dst, dport, ..
+        } => {
+            let out = std::process::Command::new(PROBE)
+                .args([
+                    "--netns",
+                    &pod.node.path(),
+                    "--timeout-ms",
+                    "1500",
+                    "connect",
+                ])
+                .arg(hp(&dst.to_string(), dport))
+                .args(["--bind", &src.to_string()])
+                .output()
+                .expect("run capture-probe");
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            }
+        }
     };
-    match line {
-        Ok(l) if l.starts_with("proxy port=15001") => Verdict::To(OUT_PORT),
-        Ok(l) if l.starts_with("proxy port=15006") => Verdict::To(IN_PORT),
+    let v = match &line {
+        Ok(l) if l.starts_with("proxy port=") => l["proxy port=".len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .map_or(Verdict::NotCaptured, Verdict::To),
         _ => Verdict::NotCaptured,
-    }
+    };
+    (v, line)
 }
 
 proptest! {
@@ -432,20 +867,19 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 16, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_kernel_agrees_with_the_model_on_real_traffic(
-        p in policy_strategy(),
-        conns in prop::collection::vec(conn_strategy(), 6),
-    ) {
+    fn the_kernel_agrees_with_the_model_on_real_traffic((case, conns) in case_and_conns(6)) {
         let ann: serde_json::Map<String, serde_json::Value> =
-            p.annotations().into_iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v))).collect();
-        let pod = Pod::with(Some(serde_json::Value::Object(ann)), serde_json::json!({})).expect("ADD");
+            case.annotations().into_iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v))).collect();
+        let pod = Pod::with(Some(serde_json::Value::Object(ann)), case.conf()).expect("ADD");
         // The rest of the cluster: extra addresses on the node's bridge, a server on each port.
         for a in ["10.88.0.50/24", "10.88.0.100/24", "fd88::50/64"] {
             pod.node.exec(&["ip", "addr", "add", a, "dev", "mr0"]);
         }
         let _node = pod.node_server(&PORTS);
         let _app = pod.app_server(&PORTS);
-        let _proxy = pod.proxy();
+        let id = case.proxy_id();
+        let (out_port, in_port) = case.ports();
+        let _proxy = serve(&pod.pod.path(), Ident { uid: id, gid: id }, "proxy", &[out_port, in_port], &[]);
         for c in conns {
             // Real connections leave on the interface the route picks: eth0 for other hosts,
             // lo for the pod's own and loopback addresses. Take the model's view of that.
@@ -456,9 +890,10 @@ proptest! {
                     Conn::Out { uid, gid, oif: if local { "lo" } else { "eth0" }, src, dst, dport }
                 }
                 // Inbound traffic arrives on the pod's only interface.
-                Conn::In { dst, dport, .. } => Conn::In { iif: "eth0", dst, dport },
+                Conn::In { src, dst, dport, .. } => Conn::In { iif: "eth0", src, dst, dport },
             };
-            prop_assert_eq!(observe(&pod, &c), model(&p, &c), "policy {:?}\nconnection {:?}", p, c);
+            let (got, line) = observe(&pod, &c);
+            prop_assert_eq!(got, case_model(&case, &c), "policy {:?}\nconnection {:?}\nanswer {:?}\nruleset {}", case, c, line, pod.pod.ruleset());
         }
     }
 }

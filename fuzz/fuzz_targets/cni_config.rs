@@ -121,6 +121,9 @@ fn expected(
         namespace: ns,
         name,
         annotations: ann.as_ref(),
+        ipv6: conf
+            .get("prevResult")
+            .is_some_and(protocol::result_has_ipv6),
     };
     let captured = match policy::decide(&cfg, &pod).map_err(|e| e.code)? {
         Decision::Capture(_) => true,
@@ -183,6 +186,7 @@ fn pure_layers(conf: &Map<String, Value>) {
                 namespace: ns,
                 name,
                 annotations: ann.as_ref(),
+                ipv6: false,
             };
             check_decision(cfg, &pod, &policy::decide(cfg, &pod));
         }

@@ -4,38 +4,61 @@
 //! as a crash and saves the input. Nothing here touches the kernel.
 
 use ipnet::{Ipv4Net, Ipv6Net};
+use mesh_redirect::config::Mesh;
 use mesh_redirect::config::{Annotations, PluginConfig};
 use mesh_redirect::kernel::encode_elems;
 use mesh_redirect::nft_text;
 use mesh_redirect::nftnl_ext::{Elem, KeyType};
 use mesh_redirect::policy::{
-    self, Cidrs, Decision, Inbound, Mode, OutboundRanges, Plan, Pod, istio,
+    self, Cidrs, Decision, DnsShape, Inbound, Marker, Mode, OutboundRanges, Plan, Pod, Ports, istio,
 };
 use mesh_redirect::protocol::{CniError, code, truncate};
 use mesh_redirect::ruleset::{self, Elems, Family, Match, Ruleset};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-/// Every annotation name of the istio profile (and the plugin's own `captureDNS`).
-pub const ISTIO_NAMES: [&str; 11] = [
-    istio::STATUS,
-    istio::INJECT,
-    istio::INTERCEPTION_MODE,
-    istio::INCLUDE_OUTBOUND_IP_RANGES,
-    istio::EXCLUDE_OUTBOUND_IP_RANGES,
-    istio::INCLUDE_INBOUND_PORTS,
-    istio::EXCLUDE_INBOUND_PORTS,
-    istio::INCLUDE_OUTBOUND_PORTS,
-    istio::EXCLUDE_OUTBOUND_PORTS,
-    istio::EXCLUDE_INTERFACES,
-    istio::CAPTURE_DNS,
-];
+/// A profile's annotation names: its marker first, then its table's, in order.
+pub fn names(mesh: Mesh) -> Vec<&'static str> {
+    let p = mesh.profile();
+    let marker = match p.marker {
+        Marker::Present(n) | Marker::Equals(n, _) => n,
+    };
+    std::iter::once(marker)
+        .chain(p.annotations.iter().map(|a| a.name))
+        .collect()
+}
+
+/// The value that marks a pod as meshed in `mesh`'s profile (any for a presence marker).
+pub fn marker_value(mesh: Mesh) -> &'static str {
+    match mesh.profile().marker {
+        Marker::Present(_) => "{}",
+        Marker::Equals(_, v) => v,
+    }
+}
 
 /// Upper bound on the rules of any ruleset, whatever the list sizes: lists are sets, so the
 /// count depends only on which features are on. The structural maximum is 51 (TPROXY, DNS
 /// capture and every list non-empty: 3 prerouting, 10 inbound, 7 output_mangle, 2 output,
-/// 21 outbound, 6 dns_zone_out, 2 dns_zone_in); without TPROXY and DNS it is under 30.
+/// 21 outbound, 6 dns_zone_out, 2 dns_zone_in) plus 3 (excluded sources, drop invalid);
+/// without TPROXY and DNS it is under 35. Two things cost a rule each, so they add to the
+/// bound: an interface wildcard (`veth+`, in each chain that checks interfaces) and each
+/// port range of a Kuma uid exclusion.
 pub const MAX_RULES: usize = 60;
+
+/// The bound for one plan (see [`MAX_RULES`]).
+pub fn max_rules(plan: &Plan) -> usize {
+    let wild = plan
+        .exclude_interfaces
+        .iter()
+        .filter(|n| n.ends_with('+'))
+        .count();
+    let uids: usize = plan
+        .uid_exclusions
+        .iter()
+        .map(|e| (e.tcp as usize + e.udp as usize) * e.ports.ranges().len().max(1))
+        .sum();
+    MAX_RULES + 5 * wild + uids
+}
 
 /// Runs `decide` and checks every invariant of its outcome (and, for a capture, of the
 /// ruleset, its text and its netlink set elements). Returns the decision for further checks.
@@ -45,11 +68,9 @@ pub fn decide_and_check(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, C
     res
 }
 
-/// Go's `strconv.ParseBool` false values, as README.md defines "not a false value".
+/// Go's `strconv.ParseBool` false values, exactly, as README.md defines "a false value".
 fn is_false(v: &str) -> bool {
-    ["false", "f", "0"]
-        .iter()
-        .any(|f| v.trim().eq_ignore_ascii_case(f))
+    ["0", "f", "F", "false", "FALSE", "False"].contains(&v)
 }
 
 pub fn check_decision(cfg: &PluginConfig, pod: &Pod<'_>, res: &Result<Decision, CniError>) {
@@ -69,19 +90,26 @@ pub fn check_decision(cfg: &PluginConfig, pod: &Pod<'_>, res: &Result<Decision, 
             let ann = pod
                 .annotations
                 .unwrap_or_else(|| panic!("captured a pod without annotations"));
-            assert!(
-                ann.contains_key(istio::STATUS),
-                "captured a pod without {}",
-                istio::STATUS
-            );
-            if let Some(v) = ann.get(istio::INJECT) {
-                assert!(!is_false(v), "captured a pod with inject={v:?}");
+            assert_eq!(plan.mesh, cfg.mesh, "plan of another profile");
+            match cfg.mesh.profile().marker {
+                Marker::Present(n) => {
+                    assert!(ann.contains_key(n), "captured a pod without {n}")
+                }
+                Marker::Equals(n, v) => assert!(
+                    ann.get(n).map(String::as_str) == Some(v),
+                    "captured a pod without {n}={v:?}"
+                ),
             }
-            if let Some(v) = ann.get(istio::INTERCEPTION_MODE) {
-                assert!(
-                    !v.trim().eq_ignore_ascii_case("NONE"),
-                    "captured a pod with interceptionMode={v:?}"
-                );
+            if cfg.mesh == Mesh::Istio {
+                if let Some(v) = ann.get(istio::INJECT) {
+                    assert!(!is_false(v), "captured a pod with inject={v:?}");
+                }
+                if let Some(v) = ann.get(istio::INTERCEPTION_MODE) {
+                    assert!(
+                        !v.trim().eq_ignore_ascii_case("NONE"),
+                        "captured a pod with interceptionMode={v:?}"
+                    );
+                }
             }
             check_plan(cfg, plan);
             let rs = ruleset::build(plan);
@@ -102,12 +130,14 @@ fn check_error(pod: &Pod<'_>, e: &CniError) {
                 .annotations
                 .unwrap_or_else(|| panic!("code 100 without annotations: {}", e.msg));
             // The value is quoted as given or trimmed (interceptionMode quotes it trimmed).
+            // A profile's required annotation may be missing: then its name and "missing".
             let named = ann.iter().any(|(name, value)| {
                 e.msg.contains(name.as_str())
                     && [value.as_str(), value.trim()]
                         .iter()
                         .any(|v| e.msg.contains(&format!("{:?}", truncate(v, 200))))
-            });
+            }) || (e.msg.contains("missing")
+                && names(Mesh::Kuma).iter().any(|n| e.msg.contains(n)));
             assert!(
                 named,
                 "code 100 message names no (annotation, value) of the pod: {}",
@@ -146,9 +176,16 @@ fn check_cidrs(what: &str, c: &Cidrs) {
     check_cidr_list(&format!("{what} v6"), &c.v6, |n: Ipv6Net| n.trunc());
 }
 
-fn check_ports<'a>(what: &str, ports: impl IntoIterator<Item = &'a u16>) {
-    for &p in ports {
-        assert!(p != 0, "{what}: port 0");
+fn check_ports(what: &str, ports: &Ports) {
+    for &(a, b) in ports.ranges() {
+        assert!(a != 0 && a <= b, "{what}: range {a}-{b}");
+    }
+    for w in ports.ranges().windows(2) {
+        assert!(
+            w[0].1 as u32 + 1 < w[1].0 as u32,
+            "{what}: ranges not merged or out of order: {:?}",
+            ports.ranges()
+        );
     }
 }
 
@@ -178,33 +215,37 @@ fn check_ifname(what: &str, name: &str) {
 }
 
 pub fn check_plan(cfg: &PluginConfig, plan: &Plan) {
-    assert_eq!(
-        (
-            plan.proxy_uid,
-            plan.proxy_gid,
-            plan.outbound_port,
-            plan.inbound_port
-        ),
-        (
-            cfg.proxy_uid,
-            cfg.proxy_gid,
-            cfg.outbound_port,
-            cfg.inbound_port
-        ),
-        "plan does not carry the config's proxy ids and ports"
-    );
+    let profile = cfg.mesh.profile();
+    // Only Istio takes ids and ports from the config alone (Linkerd's and Kuma's pods may
+    // set their own).
+    if cfg.mesh == Mesh::Istio {
+        assert_eq!(
+            (
+                plan.proxy_uid,
+                plan.proxy_gid,
+                plan.outbound_port,
+                plan.inbound_port
+            ),
+            (
+                Some(cfg.proxy_uid),
+                cfg.proxy_gid,
+                cfg.outbound_port,
+                cfg.inbound_port
+            ),
+            "plan does not carry the config's proxy ids and ports"
+        );
+    }
+    assert!(plan.outbound_port != 0 && plan.inbound_port != 0, "port 0");
     check_cidrs("exclude_ranges", &plan.exclude_ranges);
+    check_cidrs("inbound_exclude_sources", &plan.inbound_exclude_sources);
     if let OutboundRanges::Only(c) = &plan.include_ranges {
         check_cidrs("include_ranges", c);
     }
     match &plan.inbound {
         Inbound::AllExcept(p) => {
             check_ports("inbound AllExcept", p);
-            for a in istio::ALWAYS_EXCLUDED_INBOUND {
-                assert!(
-                    p.contains(&a),
-                    "inbound AllExcept lacks always-excluded {a}"
-                );
+            for &a in profile.defaults.always_excluded_inbound {
+                assert!(p.contains(a), "inbound AllExcept lacks always-excluded {a}");
             }
         }
         Inbound::Only(p) => {
@@ -216,14 +257,34 @@ pub fn check_plan(cfg: &PluginConfig, plan: &Plan) {
     check_ports("include_outbound_ports", &plan.include_outbound_ports);
     check_ports("exclude_outbound_ports", &plan.exclude_outbound_ports);
     for n in &plan.exclude_interfaces {
-        check_ifname("exclude_interfaces", n);
+        // A wildcard's prefix may be empty (`+` alone: every interface).
+        let base = n.strip_suffix('+').unwrap_or(n);
+        if !base.is_empty() || !n.ends_with('+') {
+            check_ifname("exclude_interfaces", base);
+        }
     }
-    if let Some(p) = plan.dns_port {
-        assert!(p != 0, "dns port 0");
-        assert!(
-            !plan.exclude_outbound_ports.contains(&53),
-            "DNS captured although excludeOutboundPorts holds 53"
+    if let Some(d) = plan.dns {
+        assert!(d.port != 0, "dns port 0");
+        assert!(profile.defaults.dns, "DNS captured for a mesh without DNS");
+        if plan.shape.dns == DnsShape::TcpAndUdp {
+            assert!(
+                !plan.exclude_outbound_ports.contains(53),
+                "DNS captured although excludeOutboundPorts holds 53"
+            );
+        }
+    }
+    assert_eq!(plan.shape, profile.shape, "the profile's shape");
+    if cfg.mesh != Mesh::Kuma {
+        assert_eq!(
+            plan.ipv6,
+            cfg.ipv6 || plan.mode == Mode::Tproxy,
+            "ipv6 switch"
         );
+    }
+    for e in &plan.uid_exclusions {
+        assert!(e.tcp || e.udp, "uid exclusion without a protocol");
+        assert!(e.uids.0 <= e.uids.1, "uid range {:?}", e.uids);
+        check_ports("uid exclusion", &e.ports);
     }
 }
 
@@ -234,8 +295,12 @@ fn referenced_sets(rs: &Ruleset) -> Vec<(&'static str, &'static str)> {
             for m in &r.matches {
                 match m {
                     Match::IifnameIn(s) | Match::OifnameIn(s) => out.push((*s, "ifname")),
-                    Match::DaddrIn(Family::V4, s) => out.push((*s, "v4")),
-                    Match::DaddrIn(Family::V6, s) => out.push((*s, "v6")),
+                    Match::DaddrIn(Family::V4, s) | Match::SaddrIn(Family::V4, s) => {
+                        out.push((*s, "v4"))
+                    }
+                    Match::DaddrIn(Family::V6, s) | Match::SaddrIn(Family::V6, s) => {
+                        out.push((*s, "v6"))
+                    }
                     Match::DportIn(s) => out.push((*s, "port")),
                     _ => {}
                 }
@@ -249,7 +314,7 @@ fn kind(e: &Elems) -> &'static str {
     match e {
         Elems::V4(_) => "v4",
         Elems::V6(_) => "v6",
-        Elems::Ports(_) => "port",
+        Elems::Ports(_) | Elems::PortRanges(_) => "port",
         Elems::Ifnames(_) => "ifname",
     }
 }
@@ -313,9 +378,10 @@ pub fn check_ruleset(plan: &Plan, rs: &Ruleset) {
         plan.mode
     );
     assert!(
-        rs.rule_count() < MAX_RULES,
-        "{} rules (limit {MAX_RULES})",
-        rs.rule_count()
+        rs.rule_count() < max_rules(plan),
+        "{} rules (limit {})",
+        rs.rule_count(),
+        max_rules(plan)
     );
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     for s in &rs.sets {
@@ -346,11 +412,12 @@ pub fn check_ruleset(plan: &Plan, rs: &Ruleset) {
             Elems::V4(v) => check_aggregated(s.name, v, v4_range, |n| n.trunc() == n),
             Elems::V6(v) => check_aggregated(s.name, v, v6_range, |n| n.trunc() == n),
             Elems::Ports(p) => {
-                check_ports(s.name, p);
                 for w in p.windows(2) {
                     assert!(w[0] < w[1], "set {}: ports not sorted/unique", s.name);
                 }
+                assert!(!p.contains(&0), "set {}: port 0", s.name);
             }
+            Elems::PortRanges(r) => check_ports(s.name, &Ports::from_ranges(r.iter().copied())),
             Elems::Ifnames(v) => {
                 for n in v {
                     check_ifname(s.name, n);
@@ -361,20 +428,27 @@ pub fn check_ruleset(plan: &Plan, rs: &Ruleset) {
             }
         }
     }
-    // The address sets cover what the plan lists.
+    // The address sets cover what the plan lists (where outbound rules exist at all: none
+    // when Kuma's outbound capture and DNS are both off).
+    let outbound_rules = plan.outbound || (plan.shape.exclude_dst_first && plan.dns.is_some());
     let pairs = [
         (
             ruleset::SET_OUT_EXCLUDE_V4,
             ruleset::SET_OUT_EXCLUDE_V6,
-            Some(&plan.exclude_ranges),
+            outbound_rules.then_some(&plan.exclude_ranges),
         ),
         (
             ruleset::SET_OUT_INCLUDE_V4,
             ruleset::SET_OUT_INCLUDE_V6,
             match &plan.include_ranges {
-                OutboundRanges::Only(c) => Some(c),
-                OutboundRanges::All => None,
+                OutboundRanges::Only(c) if plan.outbound => Some(c),
+                _ => None,
             },
+        ),
+        (
+            ruleset::SET_IN_EXCLUDE_SRC_V4,
+            ruleset::SET_IN_EXCLUDE_SRC_V6,
+            (plan.inbound != Inbound::Off).then_some(&plan.inbound_exclude_sources),
         ),
     ];
     for (n4, n6, cidrs) in pairs {
@@ -545,6 +619,15 @@ pub fn check_encoding(rs: &Ruleset) {
                     .collect();
                 assert!(elems == want, "set {}: port elements {elems:?}", s.name);
             }
+            Elems::PortRanges(r) => {
+                assert!(
+                    matches!(key, KeyType::InetService) && interval,
+                    "set {}: key type",
+                    s.name
+                );
+                let r: Vec<_> = r.iter().map(|&(a, b)| (a as u128, b as u128)).collect();
+                check_intervals(s.name, &elems, &r, 2, u16::MAX as u128);
+            }
             Elems::Ifnames(v) => {
                 assert!(
                     matches!(key, KeyType::Ifname) && !interval,
@@ -618,6 +701,7 @@ mod tests {
             namespace: Some("default"),
             name: Some("web-0"),
             annotations: Some(a),
+            ipv6: true,
         }
     }
 
