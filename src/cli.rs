@@ -35,12 +35,9 @@ pub fn main(args: Vec<String>) -> ExitCode {
     };
     let result = match cmd.as_str() {
         "plan" => plan(rest),
-        "install" => {
-            return match crate::install::Options::parse(rest, |k| std::env::var(k).ok()) {
-                Ok(o) => crate::install::run_install(o),
-                Err(e) => report(Err(e)),
-            };
-        }
+        // The node agent is its own binary (it links a CRI client, an async runtime and an
+        // HTTP server the exec'd plugin must not carry): `install` hands over to it.
+        "install" => return report(exec_agent(args.clone())),
         "uninstall" => crate::install::Options::parse(rest, |k| std::env::var(k).ok())
             .and_then(|o| crate::install::cleanup(&o).map_err(CliError::Failed)),
         "version" | "--version" | "-V" => {
@@ -58,6 +55,27 @@ pub fn main(args: Vec<String>) -> ExitCode {
         other => Err(CliError::Usage(format!("unknown command {other:?}"))),
     };
     report(result)
+}
+
+/// The node agent's binary: beside this one (as the image and `target/` have them).
+pub const AGENT: &str = "mesh-redirect-agent";
+
+/// Replaces this process with the agent, passing the command line on.
+fn exec_agent(args: Vec<String>) -> Result<(), CliError> {
+    use std::os::unix::process::CommandExt;
+    let me = std::env::current_exe()
+        .map_err(|e| CliError::Failed(format!("cannot find my own binary: {e}")))?;
+    let agent = me.with_file_name(AGENT);
+    if !agent.exists() {
+        return Err(CliError::Failed(format!(
+            "`install` runs the node agent, {}, which is not beside {} (the image ships both; \
+             from the source tree: cargo build --bins)",
+            agent.display(),
+            me.display()
+        )));
+    }
+    let err = std::process::Command::new(&agent).args(args).exec();
+    Err(CliError::Failed(format!("cannot run {}: {err}", agent.display())))
 }
 
 fn report(result: Result<(), CliError>) -> ExitCode {

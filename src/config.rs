@@ -248,6 +248,15 @@ fn get_ports(conf: &Map<String, Value>, key: &str, default: Ports) -> Result<Por
     }
 }
 
+/// Where the plugin sends its per-invocation event (`eventSocket`: an absolute path; anything
+/// else, or the key absent, sends nothing).
+pub fn event_socket(conf: &Map<String, Value>) -> Option<String> {
+    conf.get("eventSocket")
+        .and_then(Value::as_str)
+        .filter(|p| p.starts_with('/') && p.len() < 108)
+        .map(str::to_string)
+}
+
 /// The pod annotations the runtime passed, or `None` when it passed none at all (the key is
 /// absent: the conflist entry lacks the capability, or the runtime does not support it).
 pub fn pod_annotations(conf: &Map<String, Value>) -> Result<Option<Annotations>, CniError> {

@@ -1,9 +1,10 @@
 //! The CNI verbs: stdin/env → config → policy → ruleset → kernel, one way.
 
 use crate::config::{self, LogLevel, PluginConfig};
-use crate::kernel::{Kernel, KernelError};
+use crate::kernel::Kernel;
 use crate::log::Record;
-use crate::netns::{Netns, NetnsError};
+use crate::netns::Netns;
+use crate::pod;
 use crate::policy::{self, Decision, Pod};
 use crate::protocol::{self, CniError, Command, Env, code};
 use crate::route;
@@ -37,7 +38,8 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
         level: LogLevel::Info,
     };
     let mut version = protocol::LATEST.to_string();
-    let result = invoke(&get_env, stdin, &mut rec, &mut log, &mut version);
+    let mut events: Option<String> = None;
+    let result = invoke(&get_env, stdin, &mut rec, &mut log, &mut version, &mut events);
     let out = match result {
         Ok(stdout) => Output { stdout, ok: true },
         Err(e) => {
@@ -49,7 +51,11 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
             }
         }
     };
-    crate::log::emit(log.file.as_deref(), log.level, &rec, start.elapsed());
+    let elapsed = start.elapsed();
+    crate::log::emit(log.file.as_deref(), log.level, &rec, elapsed);
+    if let Some(path) = events {
+        crate::events::send_event(&path, &crate::events::event(&rec, elapsed));
+    }
     out
 }
 
@@ -59,6 +65,7 @@ fn invoke(
     rec: &mut Record,
     log: &mut LogTarget,
     version: &mut String,
+    events: &mut Option<String>,
 ) -> Result<Option<Value>, CniError> {
     rec.command = get_env("CNI_COMMAND").unwrap_or_default();
     let env = Env::from_lookup(get_env)?;
@@ -70,6 +77,8 @@ fn invoke(
         return Ok(Some(protocol::version_info()));
     }
     let conf = protocol::parse_stdin(stdin)?;
+    // Taken even from a config that fails later: its errors are counted too.
+    *events = config::event_socket(&conf);
     // Errors speak the config's version when it has a usable one.
     if let Some(v) = conf.get("cniVersion").and_then(Value::as_str)
         && protocol::SUPPORTED_VERSIONS.contains(&v)
@@ -120,60 +129,17 @@ fn plan(
     cfg: &PluginConfig,
 ) -> Result<Result<Ruleset, String>, CniError> {
     let annotations = config::pod_annotations(conf)?;
-    let pod = Pod {
-        namespace: env.arg("K8S_POD_NAMESPACE"),
-        name: env.arg("K8S_POD_NAME"),
-        annotations: annotations.as_ref(),
-        ipv6: conf
-            .get("prevResult")
-            .is_some_and(protocol::result_has_ipv6),
-    };
-    Ok(match policy::decide(cfg, &pod)? {
-        Decision::Capture(p) => Ok(ruleset::build(&p)),
-        Decision::Skip(why) => Err(why),
-    })
-}
-
-fn netns_error(e: NetnsError) -> CniError {
-    CniError::new(
-        code::NETNS,
-        format!("network namespace could not be entered: {e}"),
+    pod::plan(
+        cfg,
+        &Pod {
+            namespace: env.arg("K8S_POD_NAMESPACE"),
+            name: env.arg("K8S_POD_NAME"),
+            annotations: annotations.as_ref(),
+            ipv6: conf
+                .get("prevResult")
+                .is_some_and(protocol::result_has_ipv6),
+        },
     )
-}
-
-fn kernel_error(e: KernelError) -> CniError {
-    let c = if e.is_transient() {
-        code::TRY_AGAIN
-    } else {
-        code::KERNEL
-    };
-    CniError::new(c, e.to_string())
-}
-
-/// Opens the pod's netns and runs `f` with its sockets (rtnetlink too with `routing`).
-fn in_pod<T>(
-    path: &str,
-    routing: bool,
-    f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
-) -> Result<T, CniError> {
-    let ns = Netns::open(Path::new(path)).map_err(netns_error)?;
-    in_netns(&ns, routing, f)
-}
-
-fn in_netns<T>(
-    ns: &Netns,
-    routing: bool,
-    f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
-) -> Result<T, CniError> {
-    // Only the sockets are created inside: netlink sockets stay bound to the namespace they
-    // were created in, so the rest runs back in ours.
-    let open = if routing {
-        Kernel::open_with_routing
-    } else {
-        Kernel::open
-    };
-    let mut kernel = ns.run(open).map_err(netns_error)?.map_err(kernel_error)?;
-    f(&mut kernel).map_err(kernel_error)
 }
 
 fn add(
@@ -188,7 +154,7 @@ fn add(
         Ok(rs) => {
             rec.rules = Some(rs.rule_count());
             rec.set_elements = Some(rs.sets.iter().map(|s| s.elems.len()).sum());
-            in_pod(&env.netns, rs.needs_rtnetlink(), |k| k.replace(&rs))?;
+            pod::apply(Path::new(&env.netns), &rs)?;
             rec.decision = "captured".into();
         }
         Err(why) => rec.decision = format!("skipped: {why}"),
@@ -206,8 +172,8 @@ fn check(
     let out = result(conf, version, Command::Check)?;
     let planned = plan(env, conf, &cfg)?;
     let diffs = match &planned {
-        Ok(rs) => in_pod(&env.netns, rs.needs_rtnetlink(), |k| k.diff(rs))?,
-        Err(why) if in_pod(&env.netns, false, |k| k.table_exists())? => vec![format!(
+        Ok(rs) => pod::diff(Path::new(&env.netns), rs)?,
+        Err(why) if pod::in_netns_at(Path::new(&env.netns), false, |k| k.table_exists())? => vec![format!(
             "table inet {} exists but the pod is not captured ({why})",
             ruleset::TABLE
         )],
@@ -242,7 +208,7 @@ fn del(
             rec.decision = "nothing to delete: netns is gone".into();
             return Ok(());
         }
-        Err(e) => return Err(netns_error(e)),
+        Err(e) => return Err(pod::netns_error(e)),
     };
     // What to remove besides the table: the TPROXY routing if this pod's plan had it, and
     // `::6` if we added it (it carries our mark). If the plan cannot be made (DEL must not
@@ -258,7 +224,7 @@ fn del(
             true,
         ),
     };
-    rec.decision = if in_netns(&ns, rtnetlink, |k| k.delete(routing.as_ref()))? {
+    rec.decision = if pod::in_netns(&ns, rtnetlink, |k| k.delete(routing.as_ref()))? {
         "deleted".into()
     } else {
         "nothing to delete: no table".into()

@@ -180,6 +180,9 @@ pub struct ConfDir {
     foreign: u64,
     displaced: Vec<Displaced>,
     rewrites: VecDeque<Instant>,
+    /// Times the entry was put back after the file was rewritten without it.
+    pub rechains: u64,
+    flapped_at: Option<Instant>,
     reported: Option<(OsString, String)>,
     waiting_logged: bool,
 }
@@ -196,6 +199,8 @@ impl ConfDir {
             foreign: 0,
             displaced: Vec::new(),
             rewrites: VecDeque::new(),
+            rechains: 0,
+            flapped_at: None,
             reported: None,
             waiting_logged: false,
         }
@@ -594,6 +599,7 @@ impl ConfDir {
 
     /// Another component rewrote our file: fine once, a fight if it keeps happening.
     fn note_rewrite(&mut self, file: &OsStr) {
+        self.rechains += 1;
         let now = Instant::now();
         self.rewrites.push_back(now);
         while self
@@ -604,6 +610,7 @@ impl ConfDir {
             self.rewrites.pop_front();
         }
         if self.rewrites.len() >= FLAP_LIMIT {
+            self.flapped_at = Some(now);
             log(
                 "warn",
                 "flapping: another component keeps rewriting the network config without mesh-redirect",
@@ -613,13 +620,11 @@ impl ConfDir {
         }
     }
 
-    /// Rewrites (re-chains) within the last minute: how often the primary fights us.
-    pub fn recent_rewrites(&self) -> usize {
-        let now = Instant::now();
-        self.rewrites
-            .iter()
-            .filter(|t| now.duration_since(**t) <= FLAP_WINDOW)
-            .count()
+    /// Whether the primary plugin has been fighting us: `FLAP_LIMIT` re-chains within
+    /// `FLAP_WINDOW`, the last of them recently.
+    pub fn flapping(&self) -> bool {
+        self.flapped_at
+            .is_some_and(|t| t.elapsed() <= FLAP_WINDOW)
     }
 
     fn unchain_others(&mut self, keep: &OsStr) -> Result<(), String> {

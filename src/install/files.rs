@@ -236,9 +236,10 @@ pub fn bundled_libs() -> Vec<PathBuf> {
     libs
 }
 
-/// Installs the running executable as `bin_dir/mesh-redirect`, its libraries first (so the
-/// binary never appears before what it needs). Returns whether anything was written.
-pub fn install_binary(bin_dir: &Path) -> io::Result<bool> {
+/// Installs `plugin` as `bin_dir/mesh-redirect`, with the libraries the running process loaded
+/// (the agent links the same libnftnl and libmnl) first, so the binary never appears before
+/// what it needs. Returns whether anything was written.
+pub fn install_binary(bin_dir: &Path, plugin: &Path) -> io::Result<bool> {
     let libs_dir = bin_dir.join(LIBS_DIR);
     let mut wrote = false;
     let libs = bundled_libs();
@@ -260,7 +261,7 @@ pub fn install_binary(bin_dir: &Path) -> io::Result<bool> {
             wrote |= install_file(lib, &libs_dir, &soname, 0o644)?;
         }
     }
-    wrote |= install_file(Path::new("/proc/self/exe"), bin_dir, BINARY, 0o755)?;
+    wrote |= install_file(plugin, bin_dir, BINARY, 0o755)?;
     Ok(wrote)
 }
 
@@ -276,10 +277,10 @@ fn soname(file: &str) -> String {
     }
 }
 
-/// Whether `bin_dir/mesh-redirect` is byte for byte the running executable.
-pub fn binary_is_current(bin_dir: &Path) -> bool {
+/// Whether `bin_dir/mesh-redirect` is byte for byte `plugin`.
+pub fn binary_is_current(bin_dir: &Path, plugin: &Path) -> bool {
     match (
-        fs::read("/proc/self/exe"),
+        fs::read(plugin),
         read_regular(&bin_dir.join(BINARY)),
     ) {
         (Ok(a), Ok(b)) => a == b,

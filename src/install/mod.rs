@@ -1,11 +1,11 @@
-//! Node installer (SPEC §5): `mesh-redirect install`, the DaemonSet's command, and
-//! `mesh-redirect uninstall`.
+//! Node installer (SPEC §5): the chaining half of the node agent (`mesh-redirect install`, the
+//! DaemonSet's command), and `mesh-redirect uninstall`.
 //!
-//! `install` copies the plugin into the host's CNI bin dir, chains it into the primary network
-//! config (the lexically first valid `.conf`/`.conflist`/`.json`, as runtimes pick it), keeps it
-//! chained when the primary plugin rewrites its file, serves `/readyz` while all that holds, and
-//! undoes it on SIGTERM/SIGINT. One thread, one `poll` loop over inotify, a signalfd and the
-//! readiness socket.
+//! [`run`] copies the plugin into the host's CNI bin dir, chains it into the primary network
+//! config (the runtime's first file, as libcni picks it), keeps it chained when the primary
+//! plugin rewrites its file, reports its status after every step (the agent serves it as
+//! readiness and metrics), and undoes it all on SIGTERM/SIGINT. One thread, one `poll` loop
+//! over inotify and a signalfd.
 
 pub mod confdir;
 pub mod conflist;
@@ -20,12 +20,10 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{Value, json};
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// `install`/`uninstall` options; every flag also reads an environment variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +69,8 @@ const fn switch(flag: &'static str, env: &'static str) -> Spec {
     }
 }
 
-const SPECS: &[Spec] = &[
+/// The flags `install` and `uninstall` take (the agent adds its own).
+pub const SPECS: &[Spec] = &[
     value("--cni-bin-dir", "MESH_REDIRECT_CNI_BIN_DIR"),
     value("--cni-conf-dir", "MESH_REDIRECT_CNI_CONF_DIR"),
     value("--conf-name", "MESH_REDIRECT_CONF_NAME"),
@@ -87,7 +86,11 @@ impl Options {
         args: &[String],
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Options, CliError> {
-        let f = args::parse(args, SPECS, env)?;
+        Options::from_parsed(&args::parse(args, SPECS, env)?)
+    }
+
+    /// From flags parsed against a spec list that includes [`SPECS`].
+    pub fn from_parsed(f: &args::Parsed<'_>) -> Result<Options, CliError> {
         let dir = |flag: &str| -> Result<PathBuf, CliError> {
             let d = PathBuf::from(
                 f.get(flag)
@@ -98,9 +101,8 @@ impl Options {
             }
             Ok(d)
         };
-        let readiness_addr = f.parsed("--readiness-addr", "HOST:PORT", |a| {
-            a.parse::<SocketAddr>().ok()
-        })?;
+        let readiness_addr =
+            f.parsed("--readiness-addr", "HOST:PORT", |a| a.parse::<SocketAddr>().ok())?;
         let conf_name = f.get("--conf-name");
         if let Some(n) = &conf_name
             && (n.contains('/') || n.starts_with('.'))
@@ -119,31 +121,11 @@ impl Options {
             keep_on_exit: f.on("--keep-on-exit"),
         })
     }
-}
 
-/// One JSON log line on stderr.
-pub(crate) fn log(level: &str, msg: &str, extra: Value) {
-    let mut line = json!({"ts": crate::log::rfc3339(std::time::SystemTime::now()), "level": level,
-        "component": "installer", "msg": msg});
-    if let (Some(l), Value::Object(e)) = (line.as_object_mut(), extra) {
-        l.extend(e);
-    }
-    eprintln!("{line}");
-}
-
-/// The installer's state between events.
-struct Installer {
-    opts: Options,
-    conf: ConfDir,
-    binary_current: bool,
-    /// (inode, mtime, size) of the binary when last found current: re-read only when it changes.
-    binary_stamp: Option<files::Stamp>,
-    last_error: Option<String>,
-}
-
-impl Installer {
-    fn new(opts: Options) -> Result<Installer, String> {
-        let plugin_config = match &opts.plugin_config {
+    /// The mesh-redirect entry to chain: the operator's `--plugin-config` with `type` and the
+    /// annotations capability forced.
+    pub fn entry(&self) -> Result<Value, String> {
+        let plugin_config = match &self.plugin_config {
             None => None,
             Some(p) => {
                 let text = std::fs::read(p)
@@ -165,18 +147,57 @@ impl Installer {
             crate::config::PluginConfig::from_conf(m)
                 .map_err(|e| format!("plugin config: {}", e.msg))?;
         }
+        Ok(entry)
+    }
+}
+
+/// One JSON log line on stderr.
+pub(crate) fn log(level: &str, msg: &str, extra: Value) {
+    let mut line = json!({"ts": crate::log::rfc3339(std::time::SystemTime::now()), "level": level,
+        "component": "installer", "msg": msg});
+    if let (Some(l), Value::Object(e)) = (line.as_object_mut(), extra) {
+        l.extend(e);
+    }
+    eprintln!("{line}");
+}
+
+/// The installer's state between events.
+struct Installer {
+    opts: Options,
+    /// The plugin binary to install (beside the agent's own).
+    plugin: PathBuf,
+    conf: ConfDir,
+    binary_current: bool,
+    /// (inode, mtime, size) of the binary when last found current: re-read only when it changes.
+    binary_stamp: Option<files::Stamp>,
+    last_error: Option<String>,
+}
+
+impl Installer {
+    fn new(opts: Options, plugin: PathBuf, entry: Value) -> Installer {
         let conf = ConfDir::new(
             opts.conf_dir.clone(),
             opts.conf_name.as_ref().map(OsString::from),
             entry,
         );
-        Ok(Installer {
+        Installer {
             opts,
+            plugin,
             conf,
             binary_current: false,
             binary_stamp: None,
             last_error: None,
-        })
+        }
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            ready: self.ready(),
+            chained: self.conf.chained.as_ref().map(|c| confdir::show(c)),
+            binary_current: self.binary_current,
+            rechains: self.conf.rechains,
+            flapping: self.conf.flapping(),
+        }
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -202,13 +223,13 @@ impl Installer {
     fn check_binary(&mut self) {
         let stamp = files::stamp(&self.opts.bin_dir.join(files::BINARY));
         if stamp.is_none() || stamp != self.binary_stamp {
-            self.binary_current = files::binary_is_current(&self.opts.bin_dir);
+            self.binary_current = files::binary_is_current(&self.opts.bin_dir, &self.plugin);
             self.binary_stamp = if self.binary_current { stamp } else { None };
         }
     }
 
     fn install_binary(&mut self) {
-        match files::install_binary(&self.opts.bin_dir) {
+        match files::install_binary(&self.opts.bin_dir, &self.plugin) {
             Ok(wrote) => {
                 self.binary_current = true;
                 if wrote {
@@ -275,51 +296,25 @@ impl Installer {
     }
 }
 
-/// Answers one readiness probe (HTTP/1.x GET /readyz or /healthz).
-fn serve_probe(listener: &TcpListener, state: Result<(), String>) {
-    let Ok((mut conn, _)) = listener.accept() else {
-        return;
-    };
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = [0u8; 1024];
-    let mut len = 0;
-    while len < buf.len() {
-        match conn.read(&mut buf[len..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                len += n;
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-        }
-    }
-    let request = String::from_utf8_lossy(&buf[..len]);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = match (path, state) {
-        ("/readyz", Ok(())) | ("/healthz", _) => ("200 OK", "ok\n".to_string()),
-        ("/readyz", Err(why)) => ("503 Service Unavailable", format!("not ready: {why}\n")),
-        _ => ("404 Not Found", "not found\n".to_string()),
-    };
-    let _ = write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+/// What the installer reports after each step: readiness, and what the agent's metrics show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub ready: Result<(), String>,
+    /// The file our entry is in.
+    pub chained: Option<String>,
+    /// The installed binary is byte for byte the plugin beside the agent.
+    pub binary_current: bool,
+    /// Times the entry was put back after another component rewrote the file without it.
+    pub rechains: u64,
+    /// That happened `FLAP_LIMIT` times within a minute.
+    pub flapping: bool,
 }
 
-/// `mesh-redirect install`: runs until SIGTERM/SIGINT.
-pub fn run_install(opts: Options) -> ExitCode {
-    match install_loop(opts) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log("error", "installer failed", json!({"error": e}));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn install_loop(opts: Options) -> Result<(), String> {
+/// Installs `plugin` and keeps it chained until SIGTERM/SIGINT (which the caller must have
+/// blocked in every thread: the loop takes them from a signalfd), calling `report` after every
+/// step. On the signal, removes everything (unless `keep_on_exit`) and returns.
+pub fn run(opts: Options, plugin: PathBuf, mut report: impl FnMut(&Status)) -> Result<(), String> {
+    let entry = opts.entry()?;
     let mut mask = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT] {
         mask.add(s);
@@ -341,34 +336,24 @@ fn install_loop(opts: Options) -> Result<(), String> {
             .add_watch(d, watch)
             .map_err(|e| format!("watch {}: {e}", d.display()))?;
     }
-    let listener = match opts.readiness_addr {
-        None => None,
-        Some(a) => {
-            let l = TcpListener::bind(a).map_err(|e| format!("readiness {a}: {e}"))?;
-            l.set_nonblocking(true).map_err(|e| e.to_string())?;
-            Some(l)
-        }
-    };
-    let mut inst = Installer::new(opts.clone())?;
-    let needs = std::fs::read("/proc/self/exe")
+    let mut inst = Installer::new(opts.clone(), plugin.clone(), entry);
+    let needs = std::fs::read(&plugin)
         .ok()
         .and_then(|b| files::glibc_requirement(&b));
     log(
         "info",
         "starting",
-        json!({"binDir": opts.bin_dir, "confDir": opts.conf_dir,
+        json!({"binDir": opts.bin_dir, "confDir": opts.conf_dir, "plugin": plugin,
             "nodeNeeds": needs.map(|(a, b)| format!("glibc >= {a}.{b} (libnftnl and libmnl ship in {})", files::LIBS_DIR))}),
     );
     inst.install_binary();
     inst.reconcile(&inotify);
+    report(&inst.status());
     loop {
-        let mut fds = vec![
+        let mut fds = [
             PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
             PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
         ];
-        if let Some(l) = &listener {
-            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
-        }
         // Retry soon while something is wrong, or while displaced inodes are watched (to let
         // them go in time); otherwise rely on events (plus a slow safety net).
         let timeout = if inst.ready().is_ok() && !inst.conf.watching() {
@@ -381,11 +366,11 @@ fn install_loop(opts: Options) -> Result<(), String> {
             Err(e) => return Err(format!("poll: {e}")),
         }
         let ready = |i: usize| {
-            fds.get(i)
-                .and_then(|f| f.revents())
+            fds[i]
+                .revents()
                 .is_some_and(|r| r.contains(PollFlags::POLLIN))
         };
-        let (sig, changed, probe) = (ready(0), ready(1), ready(2));
+        let (sig, changed) = (ready(0), ready(1));
         if sig {
             let _ = sigfd.read_signal();
             if inst.opts.keep_on_exit {
@@ -414,9 +399,7 @@ fn install_loop(opts: Options) -> Result<(), String> {
             inst.reconcile(&inotify);
         }
         inst.conf.expire(&inotify, Instant::now());
-        if probe && let Some(l) = &listener {
-            serve_probe(l, inst.ready());
-        }
+        report(&inst.status());
     }
 }
 

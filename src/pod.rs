@@ -1,0 +1,73 @@
+//! One pod's capture, as the plugin's verbs and the node agent both do it: the plan from its
+//! annotations (policy → ruleset), and its table installed, compared or removed inside its
+//! network namespace. One implementation, so an agent's repair is exactly an ADD and its
+//! comparison exactly a CHECK.
+
+use crate::config::PluginConfig;
+use crate::kernel::{Kernel, KernelError};
+use crate::netns::{Netns, NetnsError};
+use crate::policy::{self, Decision, Pod};
+use crate::protocol::{CniError, code};
+use crate::ruleset::{self, Ruleset};
+use std::path::Path;
+
+/// The pod's ruleset, or why it is not captured.
+pub fn plan(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Result<Ruleset, String>, CniError> {
+    Ok(match policy::decide(cfg, pod)? {
+        Decision::Capture(p) => Ok(ruleset::build(&p)),
+        Decision::Skip(why) => Err(why),
+    })
+}
+
+pub fn netns_error(e: NetnsError) -> CniError {
+    CniError::new(
+        code::NETNS,
+        format!("network namespace could not be entered: {e}"),
+    )
+}
+
+pub fn kernel_error(e: KernelError) -> CniError {
+    let c = if e.is_transient() {
+        code::TRY_AGAIN
+    } else {
+        code::KERNEL
+    };
+    CniError::new(c, e.to_string())
+}
+
+/// Opens the netns at `path` and runs `f` with its sockets (rtnetlink too with `routing`).
+pub fn in_netns_at<T>(
+    path: &Path,
+    routing: bool,
+    f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
+) -> Result<T, CniError> {
+    let ns = Netns::open(path).map_err(netns_error)?;
+    in_netns(&ns, routing, f)
+}
+
+/// Runs `f` with the sockets of `ns` (rtnetlink too with `routing`).
+pub fn in_netns<T>(
+    ns: &Netns,
+    routing: bool,
+    f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
+) -> Result<T, CniError> {
+    // Only the sockets are created inside: netlink sockets stay bound to the namespace they
+    // were created in, so the rest runs back in ours.
+    let open = if routing {
+        Kernel::open_with_routing
+    } else {
+        Kernel::open
+    };
+    let mut kernel = ns.run(open).map_err(netns_error)?.map_err(kernel_error)?;
+    f(&mut kernel).map_err(kernel_error)
+}
+
+/// Installs `rs` in the netns at `path` (ADD's one atomic batch).
+pub fn apply(path: &Path, rs: &Ruleset) -> Result<(), CniError> {
+    in_netns_at(path, rs.needs_rtnetlink(), |k| k.replace(rs))
+}
+
+/// What differs between the netns's table and `rs` (CHECK's comparison; empty: identical).
+pub fn diff(path: &Path, rs: &Ruleset) -> Result<Vec<String>, CniError> {
+    in_netns_at(path, rs.needs_rtnetlink(), |k| k.diff(rs))
+}
