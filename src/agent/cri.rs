@@ -101,20 +101,10 @@ impl Cri {
         })
     }
 
-    /// The runtime service client, for calls this wrapper does not name (tests use it to run
-    /// pods and containers as the kubelet does).
-    pub fn runtime(&mut self) -> (&tokio::runtime::Runtime, &mut RuntimeServiceClient<Channel>) {
-        (&self.rt, &mut self.runtime)
-    }
-
-    /// The image service client.
-    pub fn images(&mut self) -> (&tokio::runtime::Runtime, &mut ImageServiceClient<Channel>) {
-        (&self.rt, &mut self.images)
-    }
-
-    /// Runs one call on the runtime service.
+    /// Runs one call on the runtime service (any RPC: tests run pods and containers through
+    /// it as the kubelet does).
     pub fn call<T, F>(
-        &mut self,
+        &self,
         what: &'static str,
         f: impl FnOnce(RuntimeServiceClient<Channel>) -> F,
     ) -> Result<T, CriError>
@@ -130,7 +120,7 @@ impl Cri {
 
     /// Runs one call on the image service.
     pub fn call_images<T, F>(
-        &mut self,
+        &self,
         what: &'static str,
         f: impl FnOnce(ImageServiceClient<Channel>) -> F,
     ) -> Result<T, CriError>
@@ -145,7 +135,7 @@ impl Cri {
     }
 
     /// The runtime's name and version.
-    pub fn version(&mut self) -> Result<api::VersionResponse, CriError> {
+    pub fn version(&self) -> Result<api::VersionResponse, CriError> {
         self.call("Version", |mut c| async move {
             c.version(api::VersionRequest {
                 version: "v1".into(),
@@ -155,7 +145,7 @@ impl Cri {
     }
 
     /// The pod sandboxes in state READY.
-    pub fn ready_sandboxes(&mut self) -> Result<Vec<PodSandbox>, CriError> {
+    pub fn ready_sandboxes(&self) -> Result<Vec<PodSandbox>, CriError> {
         let filter = PodSandboxFilter {
             state: Some(PodSandboxStateValue {
                 state: PodSandboxState::SandboxReady as i32,
@@ -172,7 +162,7 @@ impl Cri {
     }
 
     /// A sandbox's status with the runtime's verbose info (where its netns is).
-    pub fn sandbox_status(&mut self, id: &str) -> Result<PodSandboxStatusResponse, CriError> {
+    pub fn sandbox_status(&self, id: &str) -> Result<PodSandboxStatusResponse, CriError> {
         let id = id.to_string();
         self.call("PodSandboxStatus", |mut c| async move {
             c.pod_sandbox_status(PodSandboxStatusRequest {

@@ -79,7 +79,7 @@ impl Reconciler {
                     )
                 })?,
             };
-            let mut c = Cri::connect(&socket).map_err(|e| e.to_string())?;
+            let c = Cri::connect(&socket).map_err(|e| e.to_string())?;
             let v = c.version().map_err(|e| e.to_string())?;
             log(
                 "info",

@@ -509,6 +509,11 @@ disabled_plugins = [
             .arg("--plugin-config")
             .arg(&cfg)
             .arg(format!("--readiness-addr=127.0.0.1:{READY_PORT}"))
+            // The agent reconciles through this node's containerd, often (a test's patience).
+            .arg("--cri-socket")
+            .arg(self.socket())
+            .args(["--reconcile-period", "1", "--event-socket"])
+            .arg(self.dir("events.sock"))
             // As deploy/daemonset.yaml runs it: a rollout leaves the chain in place.
             .env("MESH_REDIRECT_KEEP_ON_EXIT", "true")
             .stdin(Stdio::null())
@@ -645,15 +650,19 @@ disabled_plugins = [
                         network: cri::NAMESPACE_POD,
                         pid: cri::NAMESPACE_CONTAINER,
                         ipc: cri::NAMESPACE_POD,
+                        ..Default::default()
                     }),
                     privileged: false,
                     seccomp: Some(cri::SecurityProfile {
                         profile_type: cri::PROFILE_UNCONFINED,
                         localhost_ref: String::new(),
                     }),
+                    ..Default::default()
                 }),
                 sysctls: HashMap::new(),
+                ..Default::default()
             }),
+            ..Default::default()
         }
     }
 
