@@ -13,8 +13,10 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,--enable-new-dtags,-rpath,$ORIGIN/mesh-redirect.libs");
     println!("cargo:rerun-if-changed=build.rs");
     // A source tree without git (a tarball) says so.
-    let commit = output("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let nftnl = output("pkg-config", &["--modversion", "libnftnl"]).unwrap_or_else(|| "unknown".into());
+    let commit =
+        output("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let nftnl =
+        output("pkg-config", &["--modversion", "libnftnl"]).unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=MESH_REDIRECT_GIT_COMMIT={commit}");
     println!("cargo:rustc-env=MESH_REDIRECT_LIBNFTNL={nftnl}");
     for p in [".git/HEAD", ".git/refs/heads"] {

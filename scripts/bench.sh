@@ -3,6 +3,10 @@
 #   add       ADD latency of the whole plugin process, side by side with the alternatives
 #             applying the same ruleset to a fresh pod netns (iptables-legacy/nft-restore of
 #             Istio's rules, nft -f, istio-cni's whole per-ADD command sequence), DEL, peak RSS
+#   variants  ADD latency by mesh (Istio, Linkerd, Kuma pods), with the agent's event socket
+#             served / unserved / unset, and (BENCH_PLUGIN_OLD) against another build
+#   repair    the node agent's first pass over 100 meshed pods started before it (a real
+#             containerd, as the node e2e runs it): pass time, agent start to last repair
 #   burst     100 pods ADDed at once
 #   policy    ADD and apply time against the number of excluded CIDRs / ports
 #   datapath  new-connection latency and rate through the redirect (loopback, in a pod netns)
@@ -13,7 +17,8 @@
 # Usage (as root):  scripts/bench.sh [--smoke] [--only "SECTION ..."] [--spawn fork|spawn]
 #                                     [--rcu-expedited]
 #   --smoke          a few iterations of everything: checks it runs and prints the tables (CI)
-#   --only LIST      run only these sections (default: add burst policy datapath profile)
+#   --only LIST      run only these sections (default: add variants repair burst policy
+#                    datapath profile)
 #   --spawn fork     enter the pod netns in the forked child (pre_exec hook) instead of the
 #                    default: setns in the spawning thread, then posix_spawn
 #   --rcu-expedited  then measure ADD again with /sys/kernel/rcu_expedited=1. That is a
@@ -22,7 +27,8 @@
 # Environment: CARGO_TARGET_DIR  where to build (default ./target);
 #              BENCH_OUT         results directory (default bench-results/<UTC time>);
 #              BENCH_PLUGIN      benchmark this mesh-redirect binary instead of the one built
-#                                (e.g. another branch's, to compare).
+#                                (e.g. another branch's, to compare);
+#              BENCH_PLUGIN_OLD  the variants section also times this build, side by side.
 #
 # Like the tests, it only creates network namespaces of its own (bench-<pid>-N) and removes
 # them on exit; traffic stays inside them. The host's own network is never touched.
@@ -32,20 +38,20 @@ cd "$(dirname "$0")/.."
 smoke=0
 rcu=0
 spawn=spawn
-sections="add burst policy datapath profile"
+sections="add variants repair burst policy datapath profile"
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) smoke=1 ;;
     --rcu-expedited) rcu=1 ;;
     --only) sections=${2:?--only needs a list}; shift ;;
     --spawn) spawn=${2:?--spawn needs fork or spawn}; shift ;;
-    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 for s in $sections; do
-  case $s in add | burst | policy | datapath | profile) ;;
+  case $s in add | variants | repair | burst | policy | datapath | profile) ;;
     *) echo "bench.sh: unknown section $s" >&2; exit 2 ;;
   esac
 done
@@ -139,7 +145,35 @@ run() { # SECTION [extra driver args...]
   fi
 }
 
-for s in $sections; do run "$s"; done
+# The repair benchmark runs in the node e2e's harness (containerd, pods as the kubelet makes them).
+repair() {
+  local pods=100
+  [ "$smoke" = 1 ] && pods=5
+  echo "bench.sh: == repair ($pods pods)" >&2
+  printf '\n<sub>load average before this section: %s</sub>\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$md"
+  local log=$out/repair.log
+  if MESH_REDIRECT_BENCH_PODS=$pods cargo test --release --quiet --test node_e2e -- --ignored \
+    --nocapture --test-threads=1 bench_repair_pass_over_preexisting_pods >"$log" 2>&1; then
+    local line
+    line=$(grep -o 'BENCH repair: .*' "$log" | tail -n1)
+    {
+      printf '\n### The agent repairing pods started before it\n\n'
+      printf '%s meshed pods started through containerd with mesh-redirect not chained; then the agent started and reconciled them in its first pass.\n\n' "$pods"
+      printf '| pods | repaired in the first pass | pass duration | agent start → last repair | agent start → ready |\n|---:|---:|---:|---:|---:|\n'
+      echo "$line" | sed -E 's/.*pods=([0-9]+) repaired_in_first_pass=([0-9]+) pass_ms=([0-9.]+) agent_start_to_last_repair_ms=([0-9]+) ready_ms=([0-9]+).*/| \1 | \2 | \3 ms | \4 ms | \5 ms |/'
+    } | tee "$out/repair.md" | tee -a "$md"
+    echo "$line" >"$out/repair.csv"
+    printf '{"line": "%s"}\n' "$line" >"$out/repair.json"
+  else
+    echo "bench.sh: repair benchmark failed (log: $log)" >&2
+    tail -n 30 "$log" >&2
+    status=1
+  fi
+}
+
+for s in $sections; do
+  if [ "$s" = repair ]; then repair; else run "$s"; fi
+done
 
 if [ "$rcu" = 1 ]; then
   if [ -w "$rcu_file" ]; then

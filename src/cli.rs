@@ -75,7 +75,10 @@ fn exec_agent(args: Vec<String>) -> Result<(), CliError> {
         )));
     }
     let err = std::process::Command::new(&agent).args(args).exec();
-    Err(CliError::Failed(format!("cannot run {}: {err}", agent.display())))
+    Err(CliError::Failed(format!(
+        "cannot run {}: {err}",
+        agent.display()
+    )))
 }
 
 fn report(result: Result<(), CliError>) -> ExitCode {

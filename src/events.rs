@@ -86,7 +86,10 @@ mod tests {
         assert_eq!(event(&r, Duration::ZERO)["outcome"], "skipped");
         r.error_code = Some(100);
         let e = event(&r, Duration::ZERO);
-        assert_eq!((e["outcome"].as_str(), e["code"].as_u64()), (Some("error"), Some(100)));
+        assert_eq!(
+            (e["outcome"].as_str(), e["code"].as_u64()),
+            (Some("error"), Some(100))
+        );
         r.command = "DEL".into();
         r.error_code = None;
         assert_eq!(event(&r, Duration::ZERO)["outcome"], "ok");

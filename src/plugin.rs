@@ -39,7 +39,14 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
     };
     let mut version = protocol::LATEST.to_string();
     let mut events: Option<String> = None;
-    let result = invoke(&get_env, stdin, &mut rec, &mut log, &mut version, &mut events);
+    let result = invoke(
+        &get_env,
+        stdin,
+        &mut rec,
+        &mut log,
+        &mut version,
+        &mut events,
+    );
     let out = match result {
         Ok(stdout) => Output { stdout, ok: true },
         Err(e) => {
@@ -173,10 +180,12 @@ fn check(
     let planned = plan(env, conf, &cfg)?;
     let diffs = match &planned {
         Ok(rs) => pod::diff(Path::new(&env.netns), rs)?,
-        Err(why) if pod::in_netns_at(Path::new(&env.netns), false, |k| k.table_exists())? => vec![format!(
-            "table inet {} exists but the pod is not captured ({why})",
-            ruleset::TABLE
-        )],
+        Err(why) if pod::in_netns_at(Path::new(&env.netns), false, |k| k.table_exists())? => {
+            vec![format!(
+                "table inet {} exists but the pod is not captured ({why})",
+                ruleset::TABLE
+            )]
+        }
         Err(_) => Vec::new(),
     };
     if !diffs.is_empty() {

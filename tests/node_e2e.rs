@@ -17,7 +17,7 @@ mod cri;
 mod node;
 
 use common::{APP, PROXY, ROOT, STATUS, assert_answer, connect, hp, serve};
-use node::{GATEWAY, IMAGE, NETWORK, Node, OTHER, Sandbox, list_dir, say, tables};
+use node::{GATEWAY, IMAGE, NETWORK, Node, OTHER, Sandbox, in_netns, list_dir, say, tables};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Instant;
@@ -485,4 +485,234 @@ fn containerd_runs_kubelet_pods_through_the_installed_chain_and_they_are_capture
         "PASS  node e2e in {:.1}s ({NETWORK}: 5 pods started and deleted, 1 refused)",
         total.as_secs_f64()
     ));
+}
+
+/// Istio's `istio-validation` init container, as the kubelet runs (and retries) it in a pod:
+/// exit code 0 or 126.
+fn istio_validation(pod: &Sandbox) -> i32 {
+    std::process::Command::new(common::PROBE)
+        .args(["--netns", &pod.netns, "--gid", "1337", "--uid", "1337"])
+        .args(["validate", "istio"])
+        .output()
+        .expect("run capture-probe validate")
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+/// The agent's log lines with this message.
+fn agent_lines(node: &Node, msg: &str) -> Vec<Value> {
+    node.installer()
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["msg"] == msg)
+        .collect()
+}
+
+#[test]
+fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
+    let mut r = Report {
+        start: Instant::now(),
+        step: 0,
+    };
+    r.step("node with containerd and the primary network, mesh-redirect not chained yet");
+    let mut node = Node::start();
+    node.import_pause_image();
+    let conflist = node.write_primary_conflist();
+    let loaded = node.wait_runtime_loaded(&conflist);
+    assert_eq!(types(&loaded), ["bridge", "portmap"]);
+    r.ok("containerd runs pods with bridge + portmap only (a new node, before the DaemonSet)");
+    let cluster = serve(&node.ns.path(), ROOT, "node", &[8080, 9090], &[]);
+
+    r.step("pods start before the agent: meshed, plain, kube-system, malformed annotation");
+    let mut run = |name: &str, ns: &str, ann: &[(&str, &str)]| {
+        node.run_pod(node.pod_config(name, ns, ann, true))
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}"))
+    };
+    let web_a = run("web-a", "default", MESHED);
+    let web_b = run("web-b", "default", MESHED);
+    let plain = run("plain-0", "default", &[("prometheus.io/scrape", "true")]);
+    let sys = run("sys-0", "kube-system", MESHED);
+    let bad = run(
+        "bad-0",
+        "default",
+        &[(STATUS, "{}"), (EXCLUDE_RANGES, "10.1.0.0/16,10.0.0.0/33")],
+    );
+    let all = [&web_a, &web_b, &plain, &sys, &bad];
+    for p in all {
+        assert!(!has_table(&p.netns), "{} has a table already", p.name);
+    }
+    r.ok("5 sandboxes running, none captured: their traffic bypasses the proxy");
+    prove_uncaptured(&r, &web_a);
+    assert_eq!(istio_validation(&web_a), 126);
+    r.ok("web-a's istio-validation fails (exit 126): the pod would sit in Init:Error");
+
+    r.step("the agent starts: chains itself, then reconciles every sandbox through the CRI");
+    let agent_start = Instant::now();
+    node.start_installer();
+    node.installer().wait_ready();
+    let ready_after = agent_start.elapsed();
+    for p in [&web_a, &web_b] {
+        assert!(has_table(&p.netns), "{} not repaired", p.name);
+    }
+    let repaired = agent_lines(&node, "repaired a pod");
+    let last_repair_ms = repaired
+        .iter()
+        .filter_map(|l| l["sinceStartMs"].as_u64())
+        .max()
+        .expect("repairs logged");
+    r.ok(&format!(
+        "/readyz 200 after {:.0} ms; the last repair {last_repair_ms} ms after the agent started ({} pods repaired)",
+        ready_after.as_secs_f64() * 1e3,
+        repaired.len()
+    ));
+    for l in &repaired {
+        assert!(l["why"].to_string().contains("is missing"), "{l}");
+    }
+    for p in [&web_a, &web_b] {
+        say(&format!("   {}:", p.name));
+        prove_capture(&r, &node, p);
+    }
+    assert_eq!(istio_validation(&web_a), 0);
+    r.ok("web-a's istio-validation, retried as the kubelet retries it, passes now");
+    for p in [&plain, &sys, &bad] {
+        assert!(!has_table(&p.netns), "{} was touched", p.name);
+    }
+    r.ok("plain-0 (no sidecar), sys-0 (kube-system) and bad-0 (malformed) untouched");
+    let invalid = agent_lines(&node, "pod left alone: invalid annotation");
+    assert!(
+        invalid.iter().any(|l| l["pod"] == "default/bad-0"
+            && l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(EXCLUDE_RANGES) && e.contains("10.0.0.0/33"))),
+        "{invalid:?}"
+    );
+    r.ok("the agent reported bad-0's annotation and value in its log");
+
+    r.step("someone deletes a table, then changes one: back within one period (1 s)");
+    in_netns(
+        &web_b.netns,
+        &["nft", "delete", "table", "inet", "mesh_redirect"],
+    );
+    let t = Instant::now();
+    node::wait_for(5, "web-b's table back", || has_table(&web_b.netns));
+    r.ok(&format!(
+        "web-b's table back after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    ));
+    in_netns(
+        &web_b.netns,
+        &["nft", "flush", "chain", "inet", "mesh_redirect", "outbound"],
+    );
+    let t = Instant::now();
+    node::wait_for(5, "web-b's outbound rules back", || {
+        in_netns(
+            &web_b.netns,
+            &["nft", "list", "chain", "inet", "mesh_redirect", "outbound"],
+        )
+        .contains("redirect to :15001")
+    });
+    r.ok(&format!(
+        "web-b's flushed outbound chain back after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    ));
+    let repairs = agent_lines(&node, "repaired a pod");
+    assert!(
+        repairs
+            .iter()
+            .any(|l| l["pod"] == "default/web-b" && l["why"].to_string().contains("rule")),
+        "the repair says why: {repairs:?}"
+    );
+    prove_capture(&r, &node, &web_b);
+
+    r.step("the runtime goes away and comes back; a sandbox vanishes; a netns breaks");
+    let sock = node.socket();
+    let hidden = sock.with_extension("hidden");
+    std::fs::rename(&sock, &hidden).unwrap();
+    node::wait_for(5, "not ready without the runtime", || {
+        node.installer()
+            .get("/readyz")
+            .is_some_and(|(c, b)| c == 503 && b.contains("cannot reconcile"))
+    });
+    r.ok("CRI socket gone: /readyz 503 \"cannot reconcile…\", the agent keeps running");
+    std::fs::rename(&hidden, &sock).unwrap();
+    node.installer().wait_ready();
+    r.ok("socket back: ready again");
+    // A sandbox removed under the agent's feet, and one whose netns is torn down while its
+    // sandbox is still listed: passes go on.
+    node.remove_pod(&plain);
+    common::run(&["umount", &web_a.netns]);
+    node::wait_for(5, "the agent to report web-a", || {
+        !agent_lines(&node, "cannot check a pod").is_empty()
+    });
+    node.installer().wait_ready();
+    assert!(has_table(&web_b.netns));
+    r.ok(
+        "plain-0 removed mid-run and web-a's netns unmounted: logged, the agent stays up and ready",
+    );
+    drop(cluster);
+    for p in [&web_b, &sys, &bad, &web_a] {
+        node.remove_pod(p);
+    }
+    assert!(node.stop_installer().success());
+    let total = r.start.elapsed();
+    say(&format!(
+        "PASS  reconcile e2e in {:.1}s (2 pods repaired {last_repair_ms} ms after the agent started)",
+        total.as_secs_f64()
+    ));
+}
+
+/// Benchmark (scripts/bench.sh --only repair; not part of `cargo test`): MESH_REDIRECT_BENCH_PODS
+/// (default 100) meshed pods started before the agent, all repaired by its first pass; prints
+/// the pass's own duration and the time from the agent's start to its last repair.
+#[test]
+#[ignore]
+fn bench_repair_pass_over_preexisting_pods() {
+    let n: usize = std::env::var("MESH_REDIRECT_BENCH_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let mut node = Node::start();
+    node.import_pause_image();
+    let conflist = node.write_primary_conflist();
+    node.wait_runtime_loaded(&conflist);
+    let t = Instant::now();
+    let pods: Vec<Sandbox> = (0..n)
+        .map(|i| {
+            node.run_pod(node.pod_config(&format!("web-{i}"), "default", MESHED, true))
+                .unwrap_or_else(|e| panic!("RunPodSandbox web-{i}: {e}"))
+        })
+        .collect();
+    say(&format!(
+        "{n} meshed pods started without the chain in {:.1}s",
+        t.elapsed().as_secs_f64()
+    ));
+    let start = Instant::now();
+    node.start_installer();
+    node.installer().wait_ready();
+    let ready = start.elapsed();
+    for p in &pods {
+        assert!(has_table(&p.netns), "{} not repaired", p.name);
+    }
+    let pass = agent_lines(&node, "reconcile pass")
+        .into_iter()
+        .find(|l| l["repaired"].as_u64().unwrap_or(0) > 0)
+        .expect("a pass that repaired");
+    let last = agent_lines(&node, "repaired a pod")
+        .iter()
+        .filter_map(|l| l["sinceStartMs"].as_u64())
+        .max()
+        .unwrap_or(0);
+    say(&format!(
+        "BENCH repair: pods={n} repaired_in_first_pass={} pass_ms={:.1} agent_start_to_last_repair_ms={last} ready_ms={:.0}",
+        pass["repaired"],
+        pass["durationMs"].as_f64().unwrap_or(f64::NAN),
+        ready.as_secs_f64() * 1e3
+    ));
+    assert_eq!(pass["repaired"].as_u64(), Some(n as u64));
+    for p in &pods {
+        node.remove_pod(p);
+    }
+    assert!(node.stop_installer().success());
 }

@@ -71,7 +71,12 @@ fn sandbox(script: &str) -> (bool, String) {
     // again if they were made here and stayed empty).
     let mut made: Vec<&Path> = Vec::new();
     for d in SANDBOX_DIRS {
-        for a in Path::new(d).ancestors().collect::<Vec<_>>().into_iter().rev() {
+        for a in Path::new(d)
+            .ancestors()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
             if !a.exists() {
                 std::fs::create_dir(a).expect("create mount point");
                 made.push(a);
@@ -95,7 +100,8 @@ fn sandbox(script: &str) -> (bool, String) {
     for d in made.iter().rev() {
         let _ = std::fs::remove_dir(d);
     }
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -129,7 +135,11 @@ fn every_command_readme_gives_runs_as_written() {
             script.push_str(&format!("echo '+ README.md:{} ({section})'\n", b.line));
             for l in b.code.lines() {
                 if l.contains("scripts/test.sh") {
-                    println!("skipped: README.md:{} `{}`: this is that test run", b.line, l.trim());
+                    println!(
+                        "skipped: README.md:{} `{}`: this is that test run",
+                        b.line,
+                        l.trim()
+                    );
                     continue;
                 }
                 script.push_str(l);
@@ -140,7 +150,10 @@ fn every_command_readme_gives_runs_as_written() {
             continue;
         }
         let (ok, out) = sandbox(&script);
-        println!("ran: README.md section {section:?}: {}", if ok { "ok" } else { "FAILED" });
+        println!(
+            "ran: README.md section {section:?}: {}",
+            if ok { "ok" } else { "FAILED" }
+        );
         if !ok {
             failures.push(format!(
                 "section {section:?} failed:\n--- script ---\n{script}--- output (end) ---\n{}",
@@ -212,6 +225,9 @@ fn every_cni_conf_example_works_as_shipped() {
         used.extend([entry, annotations]);
     }
     for n in &names {
-        assert!(used.contains(&n.as_str()), "cni-conf/{n} is used by no test");
+        assert!(
+            used.contains(&n.as_str()),
+            "cni-conf/{n} is used by no test"
+        );
     }
 }

@@ -4,13 +4,13 @@
 //! current-thread tokio runtime.
 
 use hyper_util::rt::TokioIo;
+pub use k8s_cri::v1 as api;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ListPodSandboxRequest, PodSandbox, PodSandboxFilter, PodSandboxState, PodSandboxStateValue,
     PodSandboxStatusRequest, PodSandboxStatusResponse,
 };
-pub use k8s_cri::v1 as api;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -91,7 +91,8 @@ impl Cri {
             })
             .map_err(|e| CriError::Connect(path.clone(), error_chain(&e)))?;
         // kubelet's limit: a node's list of containers can exceed tonic's default 4 MiB.
-        let runtime = RuntimeServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20);
+        let runtime =
+            RuntimeServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20);
         let images = ImageServiceClient::new(channel).max_decoding_message_size(16 << 20);
         Ok(Cri {
             rt,
@@ -196,13 +197,11 @@ pub fn sandbox_net(st: &PodSandboxStatusResponse) -> SandboxNet {
         .and_then(|l| l.namespaces.as_ref())
         .and_then(|n| n.options.as_ref())
         .is_some_and(|o| o.network == api::NamespaceMode::Node as i32);
-    let ipv6 = status
-        .and_then(|s| s.network.as_ref())
-        .is_some_and(|n| {
-            std::iter::once(&n.ip)
-                .chain(n.additional_ips.iter().map(|i| &i.ip))
-                .any(|ip| ip.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_ipv6()))
-        });
+    let ipv6 = status.and_then(|s| s.network.as_ref()).is_some_and(|n| {
+        std::iter::once(&n.ip)
+            .chain(n.additional_ips.iter().map(|i| &i.ip))
+            .any(|ip| ip.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_ipv6()))
+    });
     let info: Option<serde_json::Value> = st
         .info
         .get("info")

@@ -122,7 +122,11 @@ pub fn serve(st: Arc<Shared>, path: PathBuf, first: std::os::unix::net::UnixList
     {
         Ok(rt) => rt,
         Err(e) => {
-            log("error", "event socket: no async runtime", json!({"error": e.to_string()}));
+            log(
+                "error",
+                "event socket: no async runtime",
+                json!({"error": e.to_string()}),
+            );
             return;
         }
     };

@@ -83,7 +83,10 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Options, CliError> {
+    pub fn parse(
+        args: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Options, CliError> {
         let specs: Vec<Spec> = install::SPECS.iter().chain(&AGENT_SPECS).copied().collect();
         let f = args::parse(args, &specs, env)?;
         let abs = |flag: &str, p: String| -> Result<PathBuf, CliError> {
@@ -214,13 +217,10 @@ impl Shared {
 
     fn record_pass(&self, p: &reconcile::Pass) {
         let m = &self.metrics;
-        for (state, n) in POD_STATES.iter().zip([
-            p.captured,
-            p.repaired,
-            p.skipped,
-            p.invalid,
-            p.failed,
-        ]) {
+        for (state, n) in POD_STATES
+            .iter()
+            .zip([p.captured, p.repaired, p.skipped, p.invalid, p.failed])
+        {
             m.pods
                 .get_or_create(&State {
                     state: state.to_string(),
@@ -228,10 +228,16 @@ impl Shared {
                 .set(n as i64);
         }
         let kind = |k: &str| Kind { kind: k.into() };
-        m.drift.get_or_create(&kind("missing")).inc_by(p.missing as u64);
-        m.drift.get_or_create(&kind("differs")).inc_by(p.differing as u64);
+        m.drift
+            .get_or_create(&kind("missing"))
+            .inc_by(p.missing as u64);
+        m.drift
+            .get_or_create(&kind("differs"))
+            .inc_by(p.differing as u64);
         let res = |r: &str| Result_ { result: r.into() };
-        m.repairs.get_or_create(&res("ok")).inc_by(p.repaired as u64);
+        m.repairs
+            .get_or_create(&res("ok"))
+            .inc_by(p.repaired as u64);
         m.repairs
             .get_or_create(&res("failed"))
             .inc_by(p.repair_failures as u64);
@@ -261,20 +267,22 @@ pub fn main(args: Vec<String>) -> ExitCode {
         ExitCode::from(2)
     };
     match args.split_first() {
-        Some((cmd, rest)) if cmd == "install" => match Options::parse(rest, |k| std::env::var(k).ok()) {
-            Ok(o) => match run(o) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    log("error", "agent failed", json!({"error": e}));
+        Some((cmd, rest)) if cmd == "install" => {
+            match Options::parse(rest, |k| std::env::var(k).ok()) {
+                Ok(o) => match run(o) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        log("error", "agent failed", json!({"error": e}));
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(CliError::Usage(m)) => usage(&m),
+                Err(CliError::Failed(m)) => {
+                    log("error", "agent failed", json!({"error": m}));
                     ExitCode::FAILURE
                 }
-            },
-            Err(CliError::Usage(m)) => usage(&m),
-            Err(CliError::Failed(m)) => {
-                log("error", "agent failed", json!({"error": m}));
-                ExitCode::FAILURE
             }
-        },
+        }
         Some((cmd, _)) if cmd == "help" || cmd == "--help" || cmd == "-h" => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -341,7 +349,11 @@ fn run(mut opts: Options) -> Result<(), String> {
             .name("http".into())
             .spawn(move || {
                 if let Err(e) = http::serve(st, listeners) {
-                    log("error", "HTTP server stopped", json!({"error": e.to_string()}));
+                    log(
+                        "error",
+                        "HTTP server stopped",
+                        json!({"error": e.to_string()}),
+                    );
                 }
             })
             .map_err(|e| e.to_string())?;

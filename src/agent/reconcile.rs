@@ -38,10 +38,14 @@ pub struct Pass {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
     Captured,
-    Repaired { missing: bool },
+    Repaired {
+        missing: bool,
+    },
     Skipped,
     Invalid,
-    Failed { repairing: bool },
+    Failed {
+        repairing: bool,
+    },
     /// Removed while we looked.
     Gone,
 }
@@ -51,6 +55,8 @@ pub struct Reconciler {
     /// `--cri-socket`, or the first of the usual paths that exists.
     socket: Option<PathBuf>,
     cri: Option<Cri>,
+    /// Logged the runtime's name since the last failure.
+    announced: bool,
     /// What was last reported per sandbox (an invalid annotation or a failure is logged once,
     /// not every pass).
     reported: HashMap<String, String>,
@@ -63,6 +69,7 @@ impl Reconciler {
             cfg,
             socket,
             cri: None,
+            announced: false,
             reported: HashMap::new(),
             started,
         }
@@ -80,12 +87,15 @@ impl Reconciler {
                 })?,
             };
             let c = Cri::connect(&socket).map_err(|e| e.to_string())?;
-            let v = c.version().map_err(|e| e.to_string())?;
-            log(
-                "info",
-                "connected to the container runtime",
-                json!({"socket": socket, "runtime": v.runtime_name, "version": v.runtime_version}),
-            );
+            if !self.announced {
+                let v = c.version().map_err(|e| e.to_string())?;
+                log(
+                    "info",
+                    "connected to the container runtime",
+                    json!({"socket": socket, "runtime": v.runtime_name, "version": v.runtime_version}),
+                );
+                self.announced = true;
+            }
             self.cri = Some(c);
         }
         self.cri.as_mut().ok_or_else(|| "no CRI client".to_string())
@@ -94,12 +104,18 @@ impl Reconciler {
     /// One pass over every ready sandbox. `Err` when the runtime could not be asked at all.
     pub fn pass(&mut self) -> Result<Pass, String> {
         let start = Instant::now();
-        let sandboxes = match self.client()?.ready_sandboxes() {
+        // A connection per pass: a runtime that restarted (a new socket) or went away is seen
+        // at once, and a unix-socket connection costs next to nothing.
+        self.cri = None;
+        let listed = self
+            .client()
+            .and_then(|c| c.ready_sandboxes().map_err(|e| e.to_string()));
+        let sandboxes = match listed {
             Ok(s) => s,
             Err(e) => {
-                // Reconnect next time: the runtime may have restarted.
                 self.cri = None;
-                return Err(e.to_string());
+                self.announced = false;
+                return Err(e);
             }
         };
         let mut p = Pass::default();
@@ -233,7 +249,9 @@ impl Reconciler {
             self.reported.remove(&sb.id);
             return Outcome::Captured;
         }
-        let missing = diffs.iter().any(|d| d.ends_with("is missing") && d.starts_with("table"));
+        let missing = diffs
+            .iter()
+            .any(|d| d.ends_with("is missing") && d.starts_with("table"));
         match pod::apply(&netns, &rs) {
             Ok(()) => {
                 self.reported.remove(&sb.id);

@@ -623,8 +623,7 @@ impl ConfDir {
     /// Whether the primary plugin has been fighting us: `FLAP_LIMIT` re-chains within
     /// `FLAP_WINDOW`, the last of them recently.
     pub fn flapping(&self) -> bool {
-        self.flapped_at
-            .is_some_and(|t| t.elapsed() <= FLAP_WINDOW)
+        self.flapped_at.is_some_and(|t| t.elapsed() <= FLAP_WINDOW)
     }
 
     fn unchain_others(&mut self, keep: &OsStr) -> Result<(), String> {

@@ -279,10 +279,7 @@ fn soname(file: &str) -> String {
 
 /// Whether `bin_dir/mesh-redirect` is byte for byte `plugin`.
 pub fn binary_is_current(bin_dir: &Path, plugin: &Path) -> bool {
-    match (
-        fs::read(plugin),
-        read_regular(&bin_dir.join(BINARY)),
-    ) {
+    match (fs::read(plugin), read_regular(&bin_dir.join(BINARY))) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
@@ -312,14 +309,12 @@ pub fn remove_binary(bin_dir: &Path) -> io::Result<()> {
 }
 
 /// The highest `GLIBC_x.y` symbol version the binary needs (what a node's libc must provide).
+/// Version names are NUL-terminated strings in the binary's string table.
 pub fn glibc_requirement(binary: &[u8]) -> Option<(u32, u32)> {
-    let needle = b"GLIBC_2.";
     binary
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle)
-        .filter_map(|(i, _)| {
-            let rest = &binary[i + needle.len()..];
+        .split(|&b| b == 0)
+        .filter_map(|s| s.strip_prefix(b"GLIBC_2."))
+        .filter_map(|rest| {
             let end = rest
                 .iter()
                 .position(|b| !b.is_ascii_digit())

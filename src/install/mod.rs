@@ -101,8 +101,9 @@ impl Options {
             }
             Ok(d)
         };
-        let readiness_addr =
-            f.parsed("--readiness-addr", "HOST:PORT", |a| a.parse::<SocketAddr>().ok())?;
+        let readiness_addr = f.parsed("--readiness-addr", "HOST:PORT", |a| {
+            a.parse::<SocketAddr>().ok()
+        })?;
         let conf_name = f.get("--conf-name");
         if let Some(n) = &conf_name
             && (n.contains('/') || n.starts_with('.'))

@@ -69,16 +69,18 @@ impl Cri {
 
     pub fn image_status(&self, image: &str) -> Result<ImageStatusResponse, CallError> {
         let image = image.to_string();
-        Ok(self.client()?.call_images("ImageStatus", |mut c| async move {
-            c.image_status(ImageStatusRequest {
-                image: Some(ImageSpec {
-                    image,
-                    ..Default::default()
-                }),
-                verbose: false,
-            })
-            .await
-        })?)
+        Ok(self
+            .client()?
+            .call_images("ImageStatus", |mut c| async move {
+                c.image_status(ImageStatusRequest {
+                    image: Some(ImageSpec {
+                        image,
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                })
+                .await
+            })?)
     }
 
     pub fn run_pod_sandbox(&self, config: PodSandboxConfig) -> Result<String, CallError> {
@@ -102,11 +104,10 @@ impl Cri {
 
     pub fn stop_pod_sandbox(&self, id: &str) -> Result<(), CallError> {
         let id = id.to_string();
-        self.client()?
-            .call("StopPodSandbox", |mut c| async move {
-                c.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id })
-                    .await
-            })?;
+        self.client()?.call("StopPodSandbox", |mut c| async move {
+            c.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id })
+                .await
+        })?;
         Ok(())
     }
 
