@@ -171,8 +171,42 @@ impl Metrics {
                 ("libnftnl", env!("MESH_REDIRECT_LIBNFTNL")),
             ]),
         );
+        // Every series an alert or a dashboard reads exists from the start, at 0.
         for s in POD_STATES {
             m.pods.get_or_create(&State { state: s.into() }).set(0);
+        }
+        for (command, outcome) in [
+            ("ADD", "captured"),
+            ("ADD", "skipped"),
+            ("ADD", "error"),
+            ("DEL", "ok"),
+            ("CHECK", "ok"),
+        ] {
+            let code = if outcome == "error" { "100" } else { "" };
+            m.invocations.get_or_create(&Invocation {
+                command: command.into(),
+                outcome: outcome.into(),
+                code: code.into(),
+            });
+        }
+        for command in ["ADD", "DEL"] {
+            m.duration.get_or_create(&Command {
+                command: command.into(),
+            });
+        }
+        for kind in ["malformed", "oversized", "incomplete"] {
+            m.events_rejected.get_or_create(&Kind { kind: kind.into() });
+        }
+        for kind in ["missing", "differs"] {
+            m.drift.get_or_create(&Kind { kind: kind.into() });
+        }
+        for result in ["ok", "failed"] {
+            m.repairs.get_or_create(&Result_ {
+                result: result.into(),
+            });
+            m.passes.get_or_create(&Result_ {
+                result: result.into(),
+            });
         }
         (m, r)
     }
