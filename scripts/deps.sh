@@ -13,6 +13,7 @@ pkgs=(
   strace                                   # tests: prove the plugin execs nothing, opens only its netns
   containerd runc gcc libc6-dev            # tests: node e2e (a real CRI runtime; a static pause binary)
   protobuf-compiler                        # build: k8s-cri generates the CRI client from its .proto
+  prometheus                               # tests: a real Prometheus scrapes the agent; promtool
 )
 if [ "${MESH_REDIRECT_DEPS_EXTRA:-}" != "" ]; then
   # shellcheck disable=SC2206

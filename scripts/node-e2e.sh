@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "node-e2e.sh: run as root (it starts containerd and creates namespaces)" >&2; exit 1; }
-MESH_REDIRECT_DEPS_EXTRA="${MESH_REDIRECT_DEPS_EXTRA:-} containerd runc gcc libc6-dev" scripts/deps.sh
+MESH_REDIRECT_DEPS_EXTRA="${MESH_REDIRECT_DEPS_EXTRA:-} containerd runc gcc libc6-dev prometheus" scripts/deps.sh
 for d in "$HOME/.cargo/bin" /root/.cargo/bin; do [ -d "$d" ] && PATH="$d:$PATH"; done
 export PATH
 

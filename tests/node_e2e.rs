@@ -626,6 +626,110 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     );
     prove_capture(&r, &node, &web_b);
 
+    r.step("a real Prometheus scrapes the agent: pods started now, and the repairs so far");
+    let prom = node::Prometheus::start(&node);
+    let web_c = node
+        .run_pod(node.pod_config("web-c", "default", MESHED, true))
+        .unwrap_or_else(|e| panic!("RunPodSandbox web-c: {e}"));
+    let plain_1 = node
+        .run_pod(node.pod_config("plain-1", "default", &[("app", "x")], true))
+        .unwrap_or_else(|e| panic!("RunPodSandbox plain-1: {e}"));
+    let refused = node
+        .run_pod(node.pod_config(
+            "bad-1",
+            "default",
+            &[(STATUS, "{}"), (EXCLUDE_IN_PORTS, "http")],
+            true,
+        ))
+        .map(|s| s.id);
+    assert!(refused.is_err(), "bad-1 must be refused");
+    let inv = |outcome: &str, code: &str| {
+        format!(
+            r#"mesh_redirect_plugin_invocations_total{{command="ADD",outcome="{outcome}",code="{code}"}}"#
+        )
+    };
+    for (expr, want, what) in [
+        (inv("captured", ""), 1.0, "ADD captured (web-c)"),
+        (inv("skipped", ""), 1.0, "ADD skipped (plain-1)"),
+        (inv("error", "100"), 1.0, "ADD failed with code 100 (bad-1)"),
+        (
+            r#"mesh_redirect_plugin_duration_seconds_count{command="ADD"}"#.to_string(),
+            3.0,
+            "ADD durations observed",
+        ),
+        (
+            r#"mesh_redirect_repairs_total{result="ok"}"#.to_string(),
+            4.0,
+            "repairs: web-a, web-b, web-b's table, web-b's chain",
+        ),
+        (
+            r#"mesh_redirect_drift_total{kind="missing"}"#.to_string(),
+            3.0,
+            "tables found missing",
+        ),
+        (
+            r#"mesh_redirect_drift_total{kind="differs"}"#.to_string(),
+            1.0,
+            "tables found differing",
+        ),
+        (
+            r#"mesh_redirect_pods{state="captured"}"#.to_string(),
+            3.0,
+            "pods captured (web-a, web-b, web-c)",
+        ),
+        (
+            r#"mesh_redirect_pods{state="invalid_annotation"}"#.to_string(),
+            1.0,
+            "bad-0",
+        ),
+        (
+            r#"mesh_redirect_pods{state="skipped"}"#.to_string(),
+            3.0,
+            "plain-0, sys-0, plain-1",
+        ),
+        ("mesh_redirect_chain_in_place".to_string(), 1.0, "chained"),
+        ("mesh_redirect_ready".to_string(), 1.0, "ready"),
+    ] {
+        prom.wait(&expr, want);
+        r.ok(&format!("Prometheus: {expr} = {want} ({what})"));
+    }
+    let p50 = prom
+        .query(r#"histogram_quantile(0.5, rate(mesh_redirect_plugin_duration_seconds_bucket{command="ADD"}[1m]))"#)
+        .or_else(|| prom.query(r#"histogram_quantile(0.5, mesh_redirect_plugin_duration_seconds_bucket{command="ADD"})"#));
+    r.ok(&format!(
+        "Prometheus: ADD duration p50 from the histogram: {p50:?} s"
+    ));
+    let text = node::in_netns(
+        &node.ns.path(),
+        &[
+            "curl",
+            "-sf",
+            &format!("http://127.0.0.1:{}/metrics", node::METRICS_PORT),
+        ],
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    r.ok(&format!(
+        "promtool check metrics passes on the scraped text ({} lines)",
+        text.lines().count()
+    ));
+    node.remove_pod(&web_c);
+    node.remove_pod(&plain_1);
+    drop(prom);
+
     r.step("the runtime goes away and comes back; a sandbox vanishes; a netns breaks");
     let sock = node.socket();
     let hidden = sock.with_extension("hidden");

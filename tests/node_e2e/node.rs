@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 pub const IMAGE: &str = "localhost/mesh-redirect-e2e/pause:e2e";
 pub const READY_PORT: u16 = 15700;
+pub const METRICS_PORT: u16 = 15701;
+pub const PROMETHEUS_PORT: u16 = 19090;
 /// The primary network's name and bridge subnet (inside the node namespace only).
 pub const NETWORK: &str = "k8s-pod-network";
 pub const SUBNET: &str = "10.88.0.0/24";
@@ -116,6 +118,8 @@ pub fn preflight() {
         ("nft", "nftables"),
         ("tar", "tar"),
         ("sha256sum", "coreutils"),
+        ("prometheus", "prometheus"),
+        ("promtool", "prometheus"),
     ] {
         if which(bin).is_none() {
             missing.push(format!("{bin} (package {pkg})"));
@@ -130,7 +134,7 @@ pub fn preflight() {
     assert!(
         missing.is_empty(),
         "the node e2e test needs: {}.\nInstall them with: \
-         MESH_REDIRECT_DEPS_EXTRA=\"containerd runc\" scripts/deps.sh (or run scripts/node-e2e.sh)",
+         MESH_REDIRECT_DEPS_EXTRA=\"containerd runc prometheus\" scripts/deps.sh (or run scripts/node-e2e.sh)",
         missing.join(", ")
     );
 }
@@ -514,6 +518,7 @@ disabled_plugins = [
             .arg(self.socket())
             .args(["--reconcile-period", "1", "--event-socket"])
             .arg(self.dir("events.sock"))
+            .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
             // As deploy/daemonset.yaml runs it: a rollout leaves the chain in place.
             .env("MESH_REDIRECT_KEEP_ON_EXIT", "true")
             .stdin(Stdio::null())
@@ -866,6 +871,110 @@ impl Installer {
 }
 
 impl Drop for Installer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real Prometheus (Debian's) in the node namespace, scraping the agent every second.
+pub struct Prometheus {
+    child: Child,
+    ns: String,
+    pub log: PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(node: &Node) -> Prometheus {
+        let dir = node.dir("prometheus");
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+                 scrape_configs:\n  - job_name: mesh-redirect\n    static_configs:\n      \
+                 - targets: ['127.0.0.1:{METRICS_PORT}']\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.join("prometheus.log");
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", node.ns.path()))
+            .arg("--")
+            .arg("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        die_with_parent(&mut cmd);
+        let p = Prometheus {
+            child: cmd.spawn().expect("start prometheus"),
+            ns: node.ns.path(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !crate::common::http_get_in(&p.ns, PROMETHEUS_PORT, "/-/ready")
+            .is_some_and(|(c, _)| c == 200)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready:\n{}",
+                tail(&std::fs::read_to_string(&p.log).unwrap_or_default(), 30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p
+    }
+
+    /// An instant query's single value (None: no result).
+    pub fn query(&self, expr: &str) -> Option<f64> {
+        let enc: String = expr
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let (code, body) = crate::common::http_get_in(
+            &self.ns,
+            PROMETHEUS_PORT,
+            &format!("/api/v1/query?query={enc}"),
+        )?;
+        if code != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&body).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until the query gives `want` (Prometheus scrapes every second).
+    pub fn wait(&self, expr: &str, want: f64) {
+        let mut last = None;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            last = self.query(expr);
+            if last == Some(want) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "Prometheus: {expr} = {last:?}, want {want}\n{}",
+            tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 20)
+        );
+    }
+}
+
+impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
