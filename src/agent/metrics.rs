@@ -183,28 +183,28 @@ impl Metrics {
             ("CHECK", "ok"),
         ] {
             let code = if outcome == "error" { "100" } else { "" };
-            m.invocations.get_or_create(&Invocation {
+            let _ = m.invocations.get_or_create(&Invocation {
                 command: command.into(),
                 outcome: outcome.into(),
                 code: code.into(),
             });
         }
         for command in ["ADD", "DEL"] {
-            m.duration.get_or_create(&Command {
+            let _ = m.duration.get_or_create(&Command {
                 command: command.into(),
             });
         }
         for kind in ["malformed", "oversized", "incomplete"] {
-            m.events_rejected.get_or_create(&Kind { kind: kind.into() });
+            let _ = m.events_rejected.get_or_create(&Kind { kind: kind.into() });
         }
         for kind in ["missing", "differs"] {
-            m.drift.get_or_create(&Kind { kind: kind.into() });
+            let _ = m.drift.get_or_create(&Kind { kind: kind.into() });
         }
         for result in ["ok", "failed"] {
-            m.repairs.get_or_create(&Result_ {
+            let _ = m.repairs.get_or_create(&Result_ {
                 result: result.into(),
             });
-            m.passes.get_or_create(&Result_ {
+            let _ = m.passes.get_or_create(&Result_ {
                 result: result.into(),
             });
         }
