@@ -919,8 +919,8 @@ impl Prometheus {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !crate::common::http_get_in(&p.ns, PROMETHEUS_PORT, "/-/ready")
-            .is_some_and(|(c, _)| c == 200)
+        while crate::common::http_get_in(&p.ns, PROMETHEUS_PORT, "/-/ready")
+            .is_none_or(|(c, _)| c != 200)
         {
             assert!(
                 Instant::now() < deadline,
