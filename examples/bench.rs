@@ -443,6 +443,22 @@ fn section_variants(o: &Opts) -> bool {
             conf: json!({"mesh": "kuma"}),
         },
         Variant {
+            key: "istio-dns",
+            label: "Istio pod, DNS captured (as the Kuma pod)".into(),
+            plugin: o.plugin.clone(),
+            annotations: json!({"sidecar.istio.io/status": STATUS_VALUE,
+                "traffic.mesh-redirect.io/captureDNS": "true"}),
+            conf: json!({}),
+        },
+        Variant {
+            key: "istio-v4",
+            label: "Istio pod, IPv4 only (no `::6` to add)".into(),
+            plugin: o.plugin.clone(),
+            annotations: istio.clone(),
+            conf: json!({"prevResult": {"cniVersion": "1.0.0",
+                "ips": [{"address": "10.244.0.7/24", "gateway": "10.244.0.1"}]}}),
+        },
+        Variant {
             key: "istio-events-nobody",
             label: "Istio pod, event socket configured, nobody listening".into(),
             plugin: o.plugin.clone(),
@@ -463,13 +479,23 @@ fn section_variants(o: &Opts) -> bool {
     }
     if let Some(old) = std::env::var_os("BENCH_PLUGIN_OLD").filter(|v| !v.is_empty()) {
         match std::fs::canonicalize(&old) {
-            Ok(p) => variants.push(Variant {
-                key: "istio-old-build",
-                label: format!("Istio pod, BENCH_PLUGIN_OLD ({})", p.display()),
-                plugin: p,
-                annotations: istio.clone(),
-                conf: json!({}),
-            }),
+            Ok(p) => {
+                variants.push(Variant {
+                    key: "istio-old-build",
+                    label: format!("Istio pod, BENCH_PLUGIN_OLD ({})", p.display()),
+                    plugin: p.clone(),
+                    annotations: istio.clone(),
+                    conf: json!({}),
+                });
+                variants.push(Variant {
+                    key: "istio-v4-old-build",
+                    label: "Istio pod, IPv4 only, BENCH_PLUGIN_OLD".into(),
+                    plugin: p,
+                    annotations: istio.clone(),
+                    conf: json!({"prevResult": {"cniVersion": "1.0.0",
+                        "ips": [{"address": "10.244.0.7/24", "gateway": "10.244.0.1"}]}}),
+                });
+            }
             Err(e) => progress(&format!("variants: BENCH_PLUGIN_OLD: {e}")),
         }
     }

@@ -282,7 +282,9 @@ impl Rtnl {
 
     /// Adds `o`; `Ok(false)` when it was already there.
     pub fn add(&mut self, r: &Routing, o: Obj) -> io::Result<bool> {
-        if self.exists(r, o)? {
+        // An address answers EEXIST to an exclusive create: one round trip, no dump. Rules do
+        // not (the kernel compares only some of their attributes), so they are looked up.
+        if o != Obj::Passthrough6 && self.exists(r, o)? {
             return Ok(false);
         }
         let (new, _, body) = self.body(r, o, true);

@@ -291,7 +291,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
     }
 }
 
-fn run(mut opts: Options) -> Result<(), String> {
+fn run(opts: Options) -> Result<(), String> {
     let started = Instant::now();
     // Blocked before any thread starts, so every thread inherits it and only the installer's
     // signalfd takes SIGTERM/SIGINT.
@@ -315,8 +315,6 @@ fn run(mut opts: Options) -> Result<(), String> {
         .transpose()
         .map_err(|e| format!("plugin config: {}", e.msg))?
         .unwrap_or_default();
-    let entry_file = write_entry(&entry)?;
-    opts.install.plugin_config = Some(entry_file.path.clone());
 
     let reconciling = !opts.reconcile_period.is_zero();
     let shared = Arc::new(Shared::new(reconciling));
@@ -376,9 +374,7 @@ fn run(mut opts: Options) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     let st = shared.clone();
-    let res = install::run(opts.install.clone(), plugin, move |s| st.set_install(s));
-    drop(entry_file);
-    res
+    install::run(opts.install.clone(), plugin, entry, move |s| st.set_install(s))
 }
 
 /// Passes every `period` once the chain is in place (so that every pod starting meanwhile goes
@@ -438,25 +434,4 @@ fn reconcile_loop(
         }
         std::thread::sleep(period);
     }
-}
-
-/// The entry the installer chains, in a private temporary file for the installer to read.
-struct EntryFile {
-    path: PathBuf,
-}
-
-impl Drop for EntryFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn write_entry(entry: &Value) -> Result<EntryFile, String> {
-    let path = std::env::temp_dir().join(format!(
-        "mesh-redirect-agent-entry-{}.json",
-        std::process::id()
-    ));
-    std::fs::write(&path, serde_json::to_vec(entry).unwrap_or_default())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(EntryFile { path })
 }

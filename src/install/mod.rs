@@ -311,11 +311,16 @@ pub struct Status {
     pub flapping: bool,
 }
 
-/// Installs `plugin` and keeps it chained until SIGTERM/SIGINT (which the caller must have
-/// blocked in every thread: the loop takes them from a signalfd), calling `report` after every
-/// step. On the signal, removes everything (unless `keep_on_exit`) and returns.
-pub fn run(opts: Options, plugin: PathBuf, mut report: impl FnMut(&Status)) -> Result<(), String> {
-    let entry = opts.entry()?;
+/// Installs `plugin` and keeps `entry` (see [`Options::entry`]) chained until SIGTERM/SIGINT
+/// (which the caller must have blocked in every thread: the loop takes them from a signalfd),
+/// calling `report` after every step. On the signal, removes everything (unless
+/// `keep_on_exit`) and returns.
+pub fn run(
+    opts: Options,
+    plugin: PathBuf,
+    entry: Value,
+    mut report: impl FnMut(&Status),
+) -> Result<(), String> {
     let mut mask = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT] {
         mask.add(s);
