@@ -43,7 +43,9 @@ fn profile_dir() -> Option<PathBuf> {
 fn toolchain_lib(name: &str) -> Option<PathBuf> {
     let p = output("cc", &[&format!("-print-file-name={name}")])?;
     let p = PathBuf::from(p);
-    (p.is_absolute() && p.exists()).then(|| std::fs::canonicalize(&p).ok()).flatten()
+    (p.is_absolute() && p.exists())
+        .then(|| std::fs::canonicalize(&p).ok())
+        .flatten()
 }
 
 /// Copies `src` (through symlinks) to `dst`, creating directories.
@@ -72,12 +74,16 @@ fn stage_image_libs() -> Result<(), String> {
         let src = toolchain_lib(name).ok_or(format!("{name} not found"))?;
         put(&src, &libdir.join(name)).map_err(|e| format!("{name}: {e}"))?;
     }
-    let ld = toolchain_lib(loader).or_else(|| Some(PathBuf::from("/").join(loader_dir).join(loader)).filter(|p| p.exists())).ok_or(format!("{loader} not found"))?;
+    let ld = toolchain_lib(loader)
+        .or_else(|| Some(PathBuf::from("/").join(loader_dir).join(loader)).filter(|p| p.exists()))
+        .ok_or(format!("{loader} not found"))?;
     put(&ld, &root.join(loader_dir).join(loader)).map_err(|e| format!("{loader}: {e}"))?;
     let own = root.join("usr/local/bin/mesh-redirect.libs");
     for (pkg, soname) in [("libnftnl", "libnftnl.so.11"), ("libmnl", "libmnl.so.0")] {
-        let dir = output("pkg-config", &["--variable=libdir", pkg]).ok_or(format!("pkg-config {pkg}"))?;
-        put(&Path::new(&dir).join(soname), &own.join(soname)).map_err(|e| format!("{soname}: {e}"))?;
+        let dir =
+            output("pkg-config", &["--variable=libdir", pkg]).ok_or(format!("pkg-config {pkg}"))?;
+        put(&Path::new(&dir).join(soname), &own.join(soname))
+            .map_err(|e| format!("{soname}: {e}"))?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pkgs=(
   containerd runc gcc libc6-dev            # tests: node e2e (a real CRI runtime; a static pause binary)
   protobuf-compiler                        # build: k8s-cri generates the CRI client from its .proto
   prometheus                               # tests: a real Prometheus scrapes the agent; promtool
+  buildah                                  # tests: the image, from deploy/Containerfile, no daemon
 )
 if [ "${MESH_REDIRECT_DEPS_EXTRA:-}" != "" ]; then
   # shellcheck disable=SC2206

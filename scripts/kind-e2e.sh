@@ -31,6 +31,7 @@ ctx=kind-$cluster
 k() { kubectl --context "$ctx" "$@"; }
 
 step "image $image"
+cargo build --release --bins
 docker build -f deploy/Containerfile -t "$image" .
 kind load docker-image "$image" --name "$cluster"
 

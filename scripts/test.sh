@@ -19,6 +19,8 @@ echo "== shellcheck"
 shellcheck scripts/*.sh .ci/run fuzz/run.sh
 echo "== deploy/ manifests"
 scripts/check-manifests.sh
+echo "== cargo build --release (the node image the node e2e builds holds these binaries)"
+cargo build --release --bins
 echo "== cargo test"
 cargo test --all-targets "$@"
 echo "== benchmarks, smoke run (numbers meaningless; checks they run and print their tables)"

@@ -13,6 +13,12 @@
 mod common;
 #[path = "node_e2e/cri.rs"]
 mod cri;
+#[path = "node_e2e/daemonset.rs"]
+mod daemonset;
+#[path = "node_e2e/image.rs"]
+mod image;
+#[path = "node_e2e/kubelet.rs"]
+mod kubelet;
 #[path = "node_e2e/node.rs"]
 mod node;
 
@@ -699,14 +705,8 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     r.ok(&format!(
         "Prometheus: ADD duration p50 from the histogram: {p50:?} s"
     ));
-    let text = node::in_netns(
-        &node.ns.path(),
-        &[
-            "curl",
-            "-sf",
-            &format!("http://127.0.0.1:{}/metrics", node::METRICS_PORT),
-        ],
-    );
+    let (_, text) = common::http_get_in(&node.ns.path(), node::METRICS_PORT, "/metrics")
+        .expect("the agent's /metrics");
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -722,6 +722,36 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // deploy/grafana-dashboard.json: every panel's query, with Grafana's variables as a
+    // dashboard opened on "all nodes" sets them, answers with series from this agent.
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana-dashboard.json"),
+        )
+        .expect("deploy/grafana-dashboard.json"),
+    )
+    .expect("the dashboard is JSON");
+    let mut queries = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("expr");
+            let q = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$instance", ".*");
+            let result = prom
+                .instant(&q)
+                .unwrap_or_else(|e| panic!("dashboard panel {:?}: {q}: {e}", panel["title"]));
+            assert!(
+                !result.is_empty(),
+                "dashboard panel {:?}: {q}: no series",
+                panel["title"]
+            );
+            queries += 1;
+        }
+    }
+    r.ok(&format!(
+        "deploy/grafana-dashboard.json: all {queries} panel queries run in Prometheus and return series"
+    ));
     r.ok(&format!(
         "promtool check metrics passes on the scraped text ({} lines)",
         text.lines().count()
@@ -750,13 +780,22 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     node::wait_for(5, "the agent to report web-a", || {
         !agent_lines(&node, "cannot check a pod").is_empty()
     });
-    node.installer().wait_ready();
+    // A meshed pod it cannot check is a pod possibly uncaptured: not ready, and says which.
+    node::wait_for(5, "not ready, naming web-a", || {
+        node.installer().get("/readyz").is_some_and(|(c, b)| {
+            c == 503 && b.contains("1 meshed pod(s) not captured: default/web-a")
+        })
+    });
     assert!(has_table(&web_b.netns));
     r.ok(
-        "plain-0 removed mid-run and web-a's netns unmounted: logged, the agent stays up and ready",
+        "plain-0 removed mid-run and web-a's netns unmounted: logged, the agent stays up, \
+          /readyz 503 names default/web-a",
     );
+    node.remove_pod(&web_a);
+    node.installer().wait_ready();
+    r.ok("web-a's sandbox removed: ready again");
     drop(cluster);
-    for p in [&web_b, &sys, &bad, &web_a] {
+    for p in [&web_b, &sys, &bad] {
         node.remove_pod(p);
     }
     assert!(node.stop_installer().success());

@@ -3,7 +3,7 @@
 //!
 //! Each README section's blocks run in order, as one bash script, in a sandbox: a new mount
 //! and network namespace (the "node": no uplink, the host's network untouched) with empty
-//! tmpfs over /etc/cni/net.d, /opt/cni/bin, /run/netns, /var/lib/cni and /var/log, so
+//! tmpfs over /tmp, /etc/cni/net.d, /opt/cni/bin, /run/netns, /var/lib/cni and /var/log, so
 //! `ip netns add`, `cp … /opt/cni/bin` and the bridge plugin's `cni0` all stay inside it and
 //! vanish with it. The working directory is the checkout, as README says ("from this
 //! directory"). A block whose first line is `# needs a cluster: …` or `# needs Docker: …` is
@@ -56,7 +56,8 @@ fn needs(b: &Block) -> Option<&str> {
     first.strip_prefix("# needs ")
 }
 
-const SANDBOX_DIRS: [&str; 5] = [
+const SANDBOX_DIRS: [&str; 6] = [
+    "/tmp",
     "/etc/cni/net.d",
     "/opt/cni/bin",
     "/run/netns",
@@ -66,6 +67,10 @@ const SANDBOX_DIRS: [&str; 5] = [
 
 /// Runs `script` with bash in the sandbox; returns (success, stdout + stderr).
 fn sandbox(script: &str) -> (bool, String) {
+    // One sandbox at a time: the mount points one makes (and removes) must not vanish under
+    // another's feet.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
     let repo = env!("CARGO_MANIFEST_DIR");
     // Mount points must exist; the standard CNI dirs are created if missing (and removed
     // again if they were made here and stayed empty).
@@ -93,7 +98,10 @@ fn sandbox(script: &str) -> (bool, String) {
          cd {repo}\n{script}"
     );
     let out = Command::new("unshare")
-        .args(["--mount", "--net", "--fork", "--propagation", "private"])
+        // A PID namespace too: whatever a block leaves running (a server started with `&`
+        // before a failing command) dies with the script, and cannot hold the output pipe.
+        .args(["--mount", "--net", "--pid", "--mount-proc", "--fork"])
+        .args(["--propagation", "private"])
         .args(["bash", "-c", &full])
         .output()
         .expect("run unshare");

@@ -29,7 +29,7 @@ pub const USAGE: &str =
     "mesh-redirect-agent install --cni-bin-dir DIR --cni-conf-dir DIR [--conf-name FILE]
                         [--plugin-config FILE] [--readiness-addr HOST:PORT] [--keep-binary]
                         [--keep-on-exit] [--cri-socket PATH] [--reconcile-period SECONDS]
-                        [--metrics-addr HOST:PORT] [--event-socket PATH]
+                        [--metrics-addr HOST:PORT] [--event-socket PATH] [--netns-dir DIR]
     (also as `mesh-redirect install …`, which runs this)
     Installs the plugin beside this binary into the CNI bin dir, chains it last into the
     runtime's primary network config and keeps it there; then, through the CRI, checks every
@@ -40,13 +40,15 @@ pub const USAGE: &str =
     (default /run/mesh-redirect/events.sock; written into the chained entry). On
     SIGTERM/SIGINT removes the entry and the binary unless --keep-on-exit. --cri-socket
     defaults to the first of /run/containerd/containerd.sock, /run/crio/crio.sock,
-    /var/run/cri-dockerd.sock that exists. Every flag has its variable: MESH_REDIRECT_CNI_BIN_DIR,
+    /var/run/cri-dockerd.sock that exists. A pod's netns is the path the runtime reports; where
+    that path is not visible (the agent in a container), the file of the same name in
+    --netns-dir (default /var/run/netns, the host's dir mounted there). Every flag has its variable: MESH_REDIRECT_CNI_BIN_DIR,
     MESH_REDIRECT_CNI_CONF_DIR, MESH_REDIRECT_CONF_NAME, MESH_REDIRECT_PLUGIN_CONFIG,
     MESH_REDIRECT_READINESS_ADDR, MESH_REDIRECT_KEEP_BINARY=true, MESH_REDIRECT_KEEP_ON_EXIT=true,
     MESH_REDIRECT_CRI_SOCKET, MESH_REDIRECT_RECONCILE_PERIOD, MESH_REDIRECT_METRICS_ADDR,
-    MESH_REDIRECT_EVENT_SOCKET.";
+    MESH_REDIRECT_EVENT_SOCKET, MESH_REDIRECT_NETNS_DIR.";
 
-const AGENT_SPECS: [Spec; 4] = [
+const AGENT_SPECS: [Spec; 5] = [
     Spec {
         flag: "--cri-socket",
         env: "MESH_REDIRECT_CRI_SOCKET",
@@ -67,7 +69,15 @@ const AGENT_SPECS: [Spec; 4] = [
         env: "MESH_REDIRECT_EVENT_SOCKET",
         switch: false,
     },
+    Spec {
+        flag: "--netns-dir",
+        env: "MESH_REDIRECT_NETNS_DIR",
+        switch: false,
+    },
 ];
+
+/// Where the runtimes bind-mount pods' netns files (containerd and CRI-O by default).
+pub const NETNS_DIR: &str = "/var/run/netns";
 
 /// Default reconcile period.
 pub const PERIOD: Duration = Duration::from_secs(5);
@@ -80,6 +90,8 @@ pub struct Options {
     pub reconcile_period: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub event_socket: PathBuf,
+    /// Where to look for a netns file the runtime reports at a path not visible here.
+    pub netns_dir: PathBuf,
 }
 
 impl Options {
@@ -123,6 +135,10 @@ impl Options {
                 a.parse::<SocketAddr>().ok()
             })?,
             event_socket,
+            netns_dir: abs(
+                "--netns-dir",
+                f.get("--netns-dir").unwrap_or_else(|| NETNS_DIR.into()),
+            )?,
         })
     }
 }
@@ -367,26 +383,31 @@ fn run(opts: Options) -> Result<(), String> {
     if reconciling {
         let st = shared.clone();
         let period = opts.reconcile_period;
-        let socket = opts.cri_socket.clone();
+        let r = reconcile::Reconciler::new(
+            cfg,
+            opts.cri_socket.clone(),
+            opts.netns_dir.clone(),
+            started,
+        );
         std::thread::Builder::new()
             .name("reconcile".into())
-            .spawn(move || reconcile_loop(st, cfg, socket, period, started))
+            .spawn(move || reconcile_loop(st, r, period, started))
             .map_err(|e| e.to_string())?;
     }
     let st = shared.clone();
-    install::run(opts.install.clone(), plugin, entry, move |s| st.set_install(s))
+    install::run(opts.install.clone(), plugin, entry, move |s| {
+        st.set_install(s)
+    })
 }
 
 /// Passes every `period` once the chain is in place (so that every pod starting meanwhile goes
 /// through the plugin), for as long as the process lives.
 fn reconcile_loop(
     st: Arc<Shared>,
-    cfg: crate::config::PluginConfig,
-    socket: Option<PathBuf>,
+    mut r: reconcile::Reconciler,
     period: Duration,
     started: Instant,
 ) {
-    let mut r = reconcile::Reconciler::new(cfg, socket, started);
     let mut last_error: Option<String> = None;
     let mut first = true;
     loop {
@@ -412,7 +433,17 @@ fn reconcile_loop(
                 }
                 first = false;
                 last_error = None;
-                st.set_reconcile(Reconcile::Done);
+                // Not ready while a pod that must be captured is known not to be: the
+                // operator sees the node, the pods and the reason in the probe's body.
+                st.set_reconcile(if p.uncaptured.is_empty() {
+                    Reconcile::Done
+                } else {
+                    Reconcile::NotYet(format!(
+                        "{} meshed pod(s) not captured: {}",
+                        p.uncaptured.len(),
+                        p.uncaptured.join("; ")
+                    ))
+                });
             }
             Err(e) => {
                 st.metrics

@@ -9,10 +9,16 @@ use super::log;
 use crate::config::PluginConfig;
 use crate::pod;
 use crate::policy::Pod;
+use crate::protocol::code;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// Logged with a netns that cannot be entered: the usual cause when the agent is in a container.
+const NETNS_HINT: &str = "the agent in a container sees pods' netns files only through the host's \
+    netns dir mounted (--netns-dir) with mountPropagation HostToContainer, and enters them only \
+    with CAP_SYS_ADMIN";
 
 /// What one pass found, pod by pod.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -31,6 +37,8 @@ pub struct Pass {
     pub missing: usize,
     pub differing: usize,
     pub repair_failures: usize,
+    /// Pods that must be captured and could not be checked or repaired: "ns/name: why".
+    pub uncaptured: Vec<String>,
     pub duration: Duration,
 }
 
@@ -45,6 +53,8 @@ enum Outcome {
     Invalid,
     Failed {
         repairing: bool,
+        /// A pod that must be captured and may not be: "ns/name: why".
+        uncaptured: Option<String>,
     },
     /// Removed while we looked.
     Gone,
@@ -55,6 +65,8 @@ pub struct Reconciler {
     /// `--cri-socket`, or the first of the usual paths that exists.
     socket: Option<PathBuf>,
     cri: Option<Cri>,
+    /// `--netns-dir`: where a netns reported at a path not visible here is looked for.
+    netns_dir: PathBuf,
     /// Logged the runtime's name since the last failure.
     announced: bool,
     /// What was last reported per sandbox (an invalid annotation or a failure is logged once,
@@ -64,11 +76,17 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(cfg: PluginConfig, socket: Option<PathBuf>, started: Instant) -> Reconciler {
+    pub fn new(
+        cfg: PluginConfig,
+        socket: Option<PathBuf>,
+        netns_dir: PathBuf,
+        started: Instant,
+    ) -> Reconciler {
         Reconciler {
             cfg,
             socket,
             cri: None,
+            netns_dir,
             announced: false,
             reported: HashMap::new(),
             started,
@@ -134,11 +152,15 @@ impl Reconciler {
                 }
                 Outcome::Skipped => p.skipped += 1,
                 Outcome::Invalid => p.invalid += 1,
-                Outcome::Failed { repairing } => {
+                Outcome::Failed {
+                    repairing,
+                    uncaptured,
+                } => {
                     p.failed += 1;
                     if repairing {
                         p.repair_failures += 1;
                     }
+                    p.uncaptured.extend(uncaptured);
                 }
                 Outcome::Gone => {}
             }
@@ -146,6 +168,18 @@ impl Reconciler {
         self.reported.retain(|id, _| seen.contains(id));
         p.duration = start.elapsed();
         Ok(p)
+    }
+
+    /// The runtime's netns path, or where the host's netns dir is mounted when that path is not
+    /// visible here (the agent in a container, the runtime keeping netns files elsewhere).
+    fn visible(&self, netns: PathBuf) -> PathBuf {
+        if netns.exists() {
+            return netns;
+        }
+        match netns.file_name() {
+            Some(name) if self.netns_dir.join(name).exists() => self.netns_dir.join(name),
+            _ => netns,
+        }
     }
 
     /// Logs `msg` for a sandbox unless the same was last logged for it.
@@ -173,7 +207,10 @@ impl Reconciler {
                     "cannot read a pod sandbox's status",
                     json!({"sandbox": sb.id, "error": msg}),
                 );
-                return Outcome::Failed { repairing: false };
+                return Outcome::Failed {
+                    repairing: false,
+                    uncaptured: None,
+                };
             }
             Err(e) => {
                 self.cri = None;
@@ -184,7 +221,10 @@ impl Reconciler {
                     "cannot read a pod sandbox's status",
                     json!({"sandbox": sb.id, "error": msg}),
                 );
-                return Outcome::Failed { repairing: false };
+                return Outcome::Failed {
+                    repairing: false,
+                    uncaptured: None,
+                };
             }
         };
         let meta = sb.metadata.clone().unwrap_or_default();
@@ -231,18 +271,25 @@ impl Reconciler {
                 "cannot find a pod's network namespace in its sandbox status",
                 json!({"pod": who, "sandbox": sb.id}),
             );
-            return Outcome::Failed { repairing: false };
+            return Outcome::Failed {
+                repairing: false,
+                uncaptured: Some(format!("{who}: no network namespace in its status")),
+            };
         };
+        let netns = self.visible(netns);
         let diffs = match pod::diff(&netns, &rs) {
             Ok(d) => d,
             Err(e) => {
-                self.report_once(
-                    &sb.id,
-                    "warn",
-                    "cannot check a pod",
-                    json!({"pod": who, "sandbox": sb.id, "netns": netns, "error": e.msg}),
-                );
-                return Outcome::Failed { repairing: false };
+                let mut extra =
+                    json!({"pod": who, "sandbox": sb.id, "netns": netns, "error": e.msg});
+                if e.code == code::NETNS {
+                    extra["hint"] = json!(NETNS_HINT);
+                }
+                self.report_once(&sb.id, "warn", "cannot check a pod", extra);
+                return Outcome::Failed {
+                    repairing: false,
+                    uncaptured: Some(format!("{who}: {}", e.msg)),
+                };
             }
         };
         if diffs.is_empty() {
@@ -272,7 +319,10 @@ impl Reconciler {
                     "cannot repair a pod",
                     json!({"pod": who, "sandbox": sb.id, "netns": netns, "error": e.msg}),
                 );
-                Outcome::Failed { repairing: true }
+                Outcome::Failed {
+                    repairing: true,
+                    uncaptured: Some(format!("{who}: {}", e.msg)),
+                }
             }
         }
     }

@@ -43,13 +43,19 @@ pub struct Options {
 pub const USAGE: &str =
     "  mesh-redirect install --cni-bin-dir DIR --cni-conf-dir DIR [--conf-name FILE]
                         [--plugin-config FILE] [--readiness-addr HOST:PORT] [--keep-binary]
-                        [--keep-on-exit]
-      Copy the plugin into DIR, chain it last into the primary network config, keep it there,
-      serve /readyz, and undo all of it on SIGTERM/SIGINT (unless --keep-on-exit: then leave
-      it all in place, so a rollout has no window in which new pods go uncaptured). Flags also
-      come from the env: MESH_REDIRECT_CNI_BIN_DIR, MESH_REDIRECT_CNI_CONF_DIR,
+                        [--keep-on-exit] [--cri-socket PATH] [--reconcile-period SECONDS]
+                        [--metrics-addr HOST:PORT] [--event-socket PATH] [--netns-dir DIR]
+      The node agent (this execs `mesh-redirect-agent install`, beside this binary): copy the
+      plugin into DIR, chain it last into the primary network config, keep it there, repair
+      meshed pods that lack their table (through the runtime's CRI socket, every
+      --reconcile-period seconds), serve /readyz, /healthz and /metrics, and undo the chain on
+      SIGTERM/SIGINT (unless --keep-on-exit: then leave it all in place, so a rollout has no
+      window in which new pods go uncaptured). `mesh-redirect-agent help` says more. Flags
+      also come from the env: MESH_REDIRECT_CNI_BIN_DIR, MESH_REDIRECT_CNI_CONF_DIR,
       MESH_REDIRECT_CONF_NAME, MESH_REDIRECT_PLUGIN_CONFIG, MESH_REDIRECT_READINESS_ADDR,
-      MESH_REDIRECT_KEEP_BINARY=true, MESH_REDIRECT_KEEP_ON_EXIT=true.
+      MESH_REDIRECT_KEEP_BINARY=true, MESH_REDIRECT_KEEP_ON_EXIT=true,
+      MESH_REDIRECT_CRI_SOCKET, MESH_REDIRECT_RECONCILE_PERIOD, MESH_REDIRECT_METRICS_ADDR,
+      MESH_REDIRECT_EVENT_SOCKET, MESH_REDIRECT_NETNS_DIR.
   mesh-redirect uninstall --cni-bin-dir DIR --cni-conf-dir DIR [--keep-binary]
       Remove the chain entry (restoring the original files) and the binary, once.";
 

@@ -591,17 +591,23 @@ impl Drop for OwnedTable {
 /// `GET path` over HTTP/1.1 to 127.0.0.1:`port` inside the network namespace at `netns`
 /// (the installer's readiness endpoint): (status code, body).
 pub fn http_get_in(netns: &str, port: u16, path: &str) -> Option<(u16, String)> {
-    let (netns, path) = (netns.to_string(), path.to_string());
+    http_get_at(netns, "127.0.0.1", port, path)
+}
+
+/// An HTTP GET from inside `netns` to `host:port` (as the kubelet probes a hostNetwork pod):
+/// the status code and body, or None when nothing answers.
+pub fn http_get_at(netns: &str, host: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let (netns, host, path) = (netns.to_string(), host.to_string(), path.to_string());
     // setns is per thread: a thread of its own enters the namespace and ends there.
     std::thread::spawn(move || {
         let f = std::fs::File::open(&netns).ok()?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        let mut s = std::net::TcpStream::connect((host.as_str(), port)).ok()?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .ok()?;
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
         )
         .ok()?;
         let mut resp = String::new();

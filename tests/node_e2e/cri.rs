@@ -15,6 +15,8 @@ pub const NAMESPACE_NODE: i32 = NamespaceMode::Node as i32;
 pub const PROFILE_UNCONFINED: i32 = security_profile::ProfileType::Unconfined as i32;
 pub const PROFILE_RUNTIME_DEFAULT: i32 = security_profile::ProfileType::RuntimeDefault as i32;
 pub const SANDBOX_READY: i32 = PodSandboxState::SandboxReady as i32;
+pub const CONTAINER_RUNNING: i32 = ContainerState::ContainerRunning as i32;
+pub const CONTAINER_EXITED: i32 = ContainerState::ContainerExited as i32;
 
 /// A failed call as the kubelet reports it (`kubectl describe pod` shows this text).
 #[derive(Debug, Clone)]
@@ -129,5 +131,90 @@ impl Cri {
                     .await
             })?
             .items)
+    }
+
+    pub fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: ContainerConfig,
+        sandbox_config: PodSandboxConfig,
+    ) -> Result<String, CallError> {
+        let pod_sandbox_id = sandbox_id.to_string();
+        Ok(self
+            .client()?
+            .call("CreateContainer", |mut c| async move {
+                c.create_container(CreateContainerRequest {
+                    pod_sandbox_id,
+                    config: Some(config),
+                    sandbox_config: Some(sandbox_config),
+                })
+                .await
+            })?
+            .container_id)
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<(), CallError> {
+        let container_id = id.to_string();
+        self.client()?.call("StartContainer", |mut c| async move {
+            c.start_container(StartContainerRequest { container_id })
+                .await
+        })?;
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL after `grace` seconds (the pod's terminationGracePeriodSeconds).
+    pub fn stop_container(&self, id: &str, grace: i64) -> Result<(), CallError> {
+        let container_id = id.to_string();
+        self.client()?.call("StopContainer", |mut c| async move {
+            c.stop_container(StopContainerRequest {
+                container_id,
+                timeout: grace,
+            })
+            .await
+        })?;
+        Ok(())
+    }
+
+    pub fn remove_container(&self, id: &str) -> Result<(), CallError> {
+        let container_id = id.to_string();
+        self.client()?.call("RemoveContainer", |mut c| async move {
+            c.remove_container(RemoveContainerRequest { container_id })
+                .await
+        })?;
+        Ok(())
+    }
+
+    pub fn container_status(&self, id: &str) -> Result<ContainerStatus, CallError> {
+        let container_id = id.to_string();
+        self.client()?
+            .call("ContainerStatus", |mut c| async move {
+                c.container_status(ContainerStatusRequest {
+                    container_id,
+                    verbose: false,
+                })
+                .await
+            })?
+            .status
+            .ok_or_else(|| CallError {
+                message: "ContainerStatus: no status".into(),
+            })
+    }
+
+    /// The container's init process, from the runtime's verbose status (`info.pid`).
+    pub fn container_pid(&self, id: &str) -> Option<i32> {
+        let container_id = id.to_string();
+        let r = self
+            .client()
+            .ok()?
+            .call("ContainerStatus", |mut c| async move {
+                c.container_status(ContainerStatusRequest {
+                    container_id,
+                    verbose: true,
+                })
+                .await
+            })
+            .ok()?;
+        let info: serde_json::Value = serde_json::from_str(r.info.get("info")?).ok()?;
+        Some(info["pid"].as_i64()? as i32)
     }
 }

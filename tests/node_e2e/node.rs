@@ -120,6 +120,7 @@ pub fn preflight() {
         ("sha256sum", "coreutils"),
         ("prometheus", "prometheus"),
         ("promtool", "prometheus"),
+        ("buildah", "buildah"),
     ] {
         if which(bin).is_none() {
             missing.push(format!("{bin} (package {pkg})"));
@@ -134,7 +135,7 @@ pub fn preflight() {
     assert!(
         missing.is_empty(),
         "the node e2e test needs: {}.\nInstall them with: \
-         MESH_REDIRECT_DEPS_EXTRA=\"containerd runc prometheus\" scripts/deps.sh (or run scripts/node-e2e.sh)",
+         MESH_REDIRECT_DEPS_EXTRA=\"containerd runc prometheus buildah\" scripts/deps.sh (or run scripts/node-e2e.sh)",
         missing.join(", ")
     );
 }
@@ -187,8 +188,6 @@ pub struct Node {
     installer: Option<Installer>,
     /// Every sandbox id the runtime gave us (for the shim sockets left in /run/containerd/s).
     ids: Vec<String>,
-    /// /run/containerd did not exist before: remove what containerd 1.6 makes there.
-    remove_run_containerd: bool,
     /// The top cgroup of our pods (`cgroup_parent`), below every cgroup hierarchy.
     pub cgroup_root: String,
     /// /run/netns before the runtime started (nothing must appear there).
@@ -199,8 +198,9 @@ impl Node {
     pub fn dir(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)
     }
+    /// In a dir of its own, as /run/containerd on a node: the DaemonSet mounts the dir.
     pub fn socket(&self) -> PathBuf {
-        self.dir("containerd.sock")
+        self.dir("run/containerd.sock")
     }
     pub fn conf_dir(&self) -> PathBuf {
         self.dir("net.d")
@@ -232,7 +232,7 @@ impl Node {
     /// Makes the node and starts containerd in it; waits until the CRI answers.
     pub fn start() -> Node {
         preflight();
-        let remove_run_containerd = !Path::new("/run/containerd").exists();
+        run_containerd_users(1);
         let run_netns_before = list_dir(Path::new("/run/netns"));
         let tmp = TempDir::new();
         let ns = Netns::new("mrt-node-");
@@ -240,7 +240,7 @@ impl Node {
         ns.exec(&["ip", "addr", "add", &format!("{OTHER}/32"), "dev", "lo"]);
         let root = tmp.path().to_path_buf();
         for d in [
-            "root", "state", "tmp", "bin", "net.d", "ipam", "runc", "pods", "image",
+            "root", "state", "tmp", "bin", "net.d", "ipam", "runc", "pods", "image", "run",
         ] {
             std::fs::create_dir_all(root.join(d)).expect("node dir");
         }
@@ -258,17 +258,20 @@ impl Node {
         };
         let cgroup_root = unique("mrt-kubepods-");
         let mut node = Node {
-            cri: Cri::new(root.join("containerd.sock")),
+            cri: Cri::new(root.join("run/containerd.sock")),
             tmp,
             ns,
             snapshotter,
             containerd: None,
             installer: None,
             ids: Vec::new(),
-            remove_run_containerd,
             cgroup_root,
             run_netns_before,
         };
+        // A shared mount, as / is on a systemd node: a container's HostToContainer mount of a
+        // dir below then sees the mounts made there later (the pods' netns files). Made once
+        // the node owns the dir, so that its drop unmounts it.
+        make_shared(node.tmp.path());
         node.write_config();
         node.start_containerd();
         node
@@ -290,7 +293,7 @@ disabled_plugins = [
 ]
 
 [grpc]
-  address = "{r}/containerd.sock"
+  address = "{r}/run/containerd.sock"
 
 # Unused (pods run on the v2 shim) but required by the tasks service; keep its runc root here.
 [plugins."io.containerd.runtime.v1.linux"]
@@ -437,6 +440,12 @@ disabled_plugins = [
             .arg("-cf")
             .arg(&tarball)
             .args(["oci-layout", "index.json", "blobs"]));
+        self.import_image(&tarball, IMAGE)
+    }
+
+    /// `ctr images import` of an image archive into the CRI's namespace (as a pull would put
+    /// it there); waits until the CRI's image service knows `reference`. Its id.
+    pub fn import_image(&self, tarball: &Path, reference: &str) -> String {
         run(Command::new("ctr")
             .arg("--address")
             .arg(self.socket())
@@ -448,12 +457,12 @@ disabled_plugins = [
                 "--snapshotter",
                 self.snapshotter,
             ])
-            .arg(&tarball));
+            .arg(tarball));
         let mut id = String::new();
         wait_for(
             30,
-            "the CRI image service to know the pause image",
-            || match self.cri.image_status(IMAGE) {
+            &format!("the CRI image service to know {reference}"),
+            || match self.cri.image_status(reference) {
                 Ok(r) => match r.image {
                     Some(img) => {
                         id = img.id;
@@ -706,6 +715,13 @@ disabled_plugins = [
         })
     }
 
+    /// `RunPodSandbox` for a pod on the host network (no netns, no IP of its own): its id.
+    pub fn run_host_sandbox(&mut self, config: PodSandboxConfig) -> Result<String, cri::CallError> {
+        let id = self.cri.run_pod_sandbox(config)?;
+        self.ids.push(id.clone());
+        Ok(id)
+    }
+
     /// `StopPodSandbox` then `RemovePodSandbox`, as the kubelet deletes a pod.
     pub fn remove_pod(&self, sb: &Sandbox) {
         self.cri
@@ -799,6 +815,7 @@ disabled_plugins = [
         for m in self.mounts() {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
+        let _ = nix::mount::umount2(self.tmp.path(), nix::mount::MntFlags::MNT_DETACH);
         // 5. The shim sockets containerd 1.6 keeps in /run/containerd/s: sha256 of
         // "<grpc address>/<namespace>/<sandbox id>".
         let sock = self.socket().display().to_string();
@@ -806,9 +823,7 @@ disabled_plugins = [
             let h = sha256_hex(format!("{sock}/k8s.io/{id}").as_bytes());
             let _ = std::fs::remove_file(Path::new("/run/containerd/s").join(h));
         }
-        if self.remove_run_containerd {
-            remove_empty_dirs(Path::new("/run/containerd"));
-        }
+        run_containerd_users(-1);
         // 6. The pods' cgroups (cgroupfs driver: one tree per hierarchy); a cgroup can be
         // removed once its last process is reaped.
         for mp in cgroup_mounts() {
@@ -932,8 +947,8 @@ impl Prometheus {
         p
     }
 
-    /// An instant query's single value (None: no result).
-    pub fn query(&self, expr: &str) -> Option<f64> {
+    /// An instant query's result vector, or Prometheus's error.
+    pub fn instant(&self, expr: &str) -> Result<Vec<Value>, String> {
         let enc: String = expr
             .bytes()
             .map(|b| {
@@ -948,12 +963,19 @@ impl Prometheus {
             &self.ns,
             PROMETHEUS_PORT,
             &format!("/api/v1/query?query={enc}"),
-        )?;
-        if code != 200 {
-            return None;
+        )
+        .ok_or("Prometheus did not answer")?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if code != 200 || v["status"] != "success" {
+            return Err(format!("{code}: {}", v["error"]));
         }
-        let v: Value = serde_json::from_str(&body).ok()?;
-        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// An instant query's single value (None: no result).
+    pub fn query(&self, expr: &str) -> Option<f64> {
+        let r = self.instant(expr).ok()?;
+        r.first()?["value"][1].as_str()?.parse().ok()
     }
 
     /// Waits until the query gives `want` (Prometheus scrapes every second).
@@ -1049,6 +1071,36 @@ fn mountinfo() -> Vec<(String, String)> {
             Some((mp, f.get(sep + 1)?.to_string()))
         })
         .collect()
+}
+
+/// Counts the nodes alive in this process (tests run in parallel): the first notes whether
+/// /run/containerd existed, the last removes the empty dirs containerd 1.6 made there if not.
+fn run_containerd_users(delta: i32) {
+    use std::sync::Mutex;
+    static STATE: Mutex<(i32, bool)> = Mutex::new((0, false));
+    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    if delta > 0 && st.0 == 0 {
+        st.1 = !Path::new("/run/containerd").exists();
+    }
+    st.0 += delta;
+    if st.0 == 0 && st.1 {
+        remove_empty_dirs(Path::new("/run/containerd"));
+    }
+}
+
+/// Bind-mounts `dir` onto itself and makes it a shared mount (its own peer group).
+fn make_shared(dir: &Path) {
+    use nix::mount::{MsFlags, mount};
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .expect("bind-mount the node dir onto itself");
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .expect("make the node dir a shared mount");
 }
 
 /// Mount points strictly below `dir`, deepest first.
