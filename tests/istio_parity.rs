@@ -22,22 +22,6 @@ fn port_of(line: &str) -> u16 {
         .unwrap_or(0)
 }
 
-/// `capture-probe connect --bind`: a connection from a local source address, as Envoy's
-/// inbound passthrough connects to the app from 127.0.0.6 / ::6.
-fn connect_from(netns: &str, who: Ident, addr: &str, bind: &str) -> Result<String, String> {
-    let out = Command::new(PROBE)
-        .args(["--netns", netns, "--gid", &who.gid.to_string()])
-        .args(["--uid", &who.uid.to_string(), "--timeout-ms", "1500"])
-        .args(["connect", addr, "--bind", bind])
-        .output()
-        .expect("run capture-probe");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
 /// `::6/128` on the pod's `lo`, as `ip` shows it.
 fn passthrough6(pod: &Netns) -> Option<String> {
     let out = pod.exec(&["ip", "-6", "-d", "addr", "show", "dev", "lo"]);

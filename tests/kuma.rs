@@ -163,17 +163,17 @@ fn probes(pod: &Pod) -> Vec<Probe> {
     ]
 }
 
+/// Kuma's rules for `o`, both families, in the twin pod.
+fn load_dual_stack_reference(twin: &Pod, o: &Opts) {
+    load_reference(twin, &reference(o, false), Some(&reference(o, true)), true);
+}
+
 #[test]
 fn a_kuma_pod_with_helms_defaults_behaves_as_under_kuma_cni() {
     let ours = kuma_pod(HELM_DEFAULTS);
     let twin = unmeshed_pod(true);
     let o = Opts::default();
-    load_reference(
-        &twin,
-        &reference(&o, false),
-        Some(&reference(&o, true)),
-        true,
-    );
+    load_dual_stack_reference(&twin, &o);
     let probes = probes(&ours);
     let got = compare(&ours, &twin, proxy(), &probes);
     let (p4, p6) = (&ours.ip4, &ours.ip6);
@@ -222,12 +222,7 @@ redirect:
         exclude_in_ips: &["10.88.0.1/32", "fd88::1/128"],
         drop_invalid: true,
     };
-    load_reference(
-        &twin,
-        &reference(&o, false),
-        Some(&reference(&o, true)),
-        true,
-    );
+    load_dual_stack_reference(&twin, &o);
     let probes = probes(&ours);
     let got = compare(&ours, &twin, proxy(), &probes);
     // An excluded destination returns before DNS capture too (Kuma's order), for every uid.

@@ -228,22 +228,21 @@ fn the_ipv6_key_turns_ipv6_capture_on() {
     );
 }
 
+/// Linkerd's network-validator as its init container runs it (uid and gid 65534).
+fn linkerd_validator(netns: &str, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(PROBE)
+        .args(["--netns", netns, "--gid", "65534", "--uid", "65534"])
+        .args(extra)
+        .args(["validate", "linkerd"])
+        .output()
+        .expect("run capture-probe validate linkerd")
+}
+
 #[test]
 fn linkerds_own_network_validator_passes() {
     let ours = linkerd_pod(json!({PROXY_VERSION: "stable-2.18.0"}), json!({}));
     // The validator runs as 65534 and needs a route to 1.1.1.1 (the pod's default route).
-    let out = std::process::Command::new(PROBE)
-        .args([
-            "--netns",
-            &ours.pod.path(),
-            "--gid",
-            "65534",
-            "--uid",
-            "65534",
-        ])
-        .args(["validate", "linkerd"])
-        .output()
-        .unwrap();
+    let out = linkerd_validator(&ours.pod.path(), &[]);
     assert!(
         out.status.success(),
         "{}{}",
@@ -251,18 +250,7 @@ fn linkerds_own_network_validator_passes() {
         String::from_utf8_lossy(&out.stderr)
     );
     ours.del().unwrap();
-    let out = std::process::Command::new(PROBE)
-        .args([
-            "--netns",
-            &ours.pod.path(),
-            "--gid",
-            "65534",
-            "--uid",
-            "65534",
-        ])
-        .args(["--timeout-ms", "2000", "validate", "linkerd"])
-        .output()
-        .unwrap();
+    let out = linkerd_validator(&ours.pod.path(), &["--timeout-ms", "2000"]);
     assert_eq!(
         out.status.code(),
         Some(95),

@@ -831,25 +831,12 @@ fn observe(pod: &Pod, c: &Conn) -> (Verdict, Result<String, String>) {
         // From the source the model assumes (the node has several addresses on the bridge).
         Conn::In {
             src, dst, dport, ..
-        } => {
-            let out = std::process::Command::new(PROBE)
-                .args([
-                    "--netns",
-                    &pod.node.path(),
-                    "--timeout-ms",
-                    "1500",
-                    "connect",
-                ])
-                .arg(hp(&dst.to_string(), dport))
-                .args(["--bind", &src.to_string()])
-                .output()
-                .expect("run capture-probe");
-            if out.status.success() {
-                Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-            } else {
-                Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-            }
-        }
+        } => connect_from(
+            &pod.node.path(),
+            ROOT,
+            &hp(&dst.to_string(), dport),
+            &src.to_string(),
+        ),
     };
     let v = match &line {
         Ok(l) if l.starts_with("proxy port=") => l["proxy port=".len()..]

@@ -199,21 +199,12 @@ impl Reconciler {
         let status = match cri.sandbox_status(&sb.id) {
             Ok(s) => s,
             Err(e) if e.is_not_found() => return Outcome::Gone,
-            Err(e @ CriError::Call(..)) => {
-                let msg = e.to_string();
-                self.report_once(
-                    &sb.id,
-                    "warn",
-                    "cannot read a pod sandbox's status",
-                    json!({"sandbox": sb.id, "error": msg}),
-                );
-                return Outcome::Failed {
-                    repairing: false,
-                    uncaptured: None,
-                };
-            }
             Err(e) => {
-                self.cri = None;
+                // A call the runtime refused keeps the connection; a transport error drops it
+                // (the next sandbox reconnects).
+                if !matches!(e, CriError::Call(..)) {
+                    self.cri = None;
+                }
                 let msg = e.to_string();
                 self.report_once(
                     &sb.id,

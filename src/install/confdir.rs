@@ -420,7 +420,18 @@ impl ConfDir {
                 }
                 // Not complete yet (its writer is still at it, and its inode is watched), or
                 // broken: put it back as written rather than hide it under an older version.
-                Err(_) => out.bytes.clone(),
+                // What goes under the name is then this inode's own content, not a newer
+                // version: its writer finishing into it is still the newest one.
+                Err(_) => {
+                    if let Some(d) = self
+                        .displaced
+                        .last_mut()
+                        .filter(|d| d.name == name && d.bytes == out.bytes)
+                    {
+                        d.foreign = self.foreign;
+                    }
+                    out.bytes.clone()
+                }
             };
             expected = placed;
         }

@@ -194,10 +194,24 @@ pub fn serve(netns: &str, who: Ident, name: &str, ports: &[u16], extra: &[&str])
 
 /// `capture-probe connect`: the answering server's line, or the failure.
 pub fn connect(netns: &str, who: Ident, addr: &str) -> Result<String, String> {
-    let out = probe_cmd(netns, who)
-        .args(["--timeout-ms", "1500", "connect", addr])
-        .output()
-        .expect("run capture-probe");
+    connect_cmd(probe_cmd(netns, who).args(["--timeout-ms", "1500", "connect", addr]))
+}
+
+/// `capture-probe connect --bind`: a connection from a local source address (as Envoy's
+/// inbound passthrough connects to the app from 127.0.0.6 / ::6, or a node address).
+pub fn connect_from(netns: &str, who: Ident, addr: &str, bind: &str) -> Result<String, String> {
+    connect_cmd(probe_cmd(netns, who).args([
+        "--timeout-ms",
+        "1500",
+        "connect",
+        addr,
+        "--bind",
+        bind,
+    ]))
+}
+
+fn connect_cmd(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().expect("run capture-probe");
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
