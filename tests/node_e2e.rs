@@ -738,9 +738,17 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
             let q = expr
                 .replace("$__rate_interval", "1m")
                 .replace("$instance", ".*");
-            let result = prom
-                .instant(&q)
-                .unwrap_or_else(|e| panic!("dashboard panel {:?}: {q}: {e}", panel["title"]));
+            // rate() and increase() need two scrapes in their window: retry a few seconds.
+            let deadline = Instant::now() + std::time::Duration::from_secs(15);
+            let result = loop {
+                let r = prom
+                    .instant(&q)
+                    .unwrap_or_else(|e| panic!("dashboard panel {:?}: {q}: {e}", panel["title"]));
+                if !r.is_empty() || Instant::now() > deadline {
+                    break r;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            };
             assert!(
                 !result.is_empty(),
                 "dashboard panel {:?}: {q}: no series",
