@@ -175,25 +175,25 @@ fn transparent_connect(
     mark: Option<u32>,
     timeout: Duration,
 ) -> Result<TcpStream, String> {
-    let fd = bound(from, 0, socket::SockType::Stream, true)?;
-    if let Some(m) = mark {
-        socket::setsockopt(&fd, sockopt::Mark, &m).map_err(|e| format!("SO_MARK: {e}"))?;
-    }
-    let s = TcpStream::from(fd);
-    socket::setsockopt(
-        &s,
-        sockopt::SendTimeout,
-        &nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64),
-    )
-    .map_err(|e| e.to_string())?;
-    socket::connect(s.as_raw_fd(), &socket::SockaddrStorage::from(to))
-        .map_err(|e| format!("connect {to} from {from}: {e}"))?;
-    Ok(s)
+    connect_from(to, from, true, mark, timeout)
 }
 
 /// Connects from a local address bound first (port chosen by the kernel).
 fn bound_connect(to: SocketAddr, from: IpAddr, timeout: Duration) -> Result<TcpStream, String> {
-    let fd = bound(from, 0, socket::SockType::Stream, false)?;
+    connect_from(to, from, false, None, timeout)
+}
+
+fn connect_from(
+    to: SocketAddr,
+    from: IpAddr,
+    transparent: bool,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    let fd = bound(from, 0, socket::SockType::Stream, transparent)?;
+    if let Some(m) = mark {
+        socket::setsockopt(&fd, sockopt::Mark, &m).map_err(|e| format!("SO_MARK: {e}"))?;
+    }
     let s = TcpStream::from(fd);
     socket::setsockopt(
         &s,
