@@ -3,7 +3,7 @@
 //!
 //! Each README section's blocks run in order, as one bash script, in a sandbox: a new mount
 //! and network namespace (the "node": no uplink, the host's network untouched) with empty
-//! tmpfs over /tmp, /etc/cni/net.d, /opt/cni/bin, /run/netns, /var/lib/cni and /var/log, so
+//! tmpfs over /etc/cni/net.d, /opt/cni/bin, /run/netns, /var/lib/cni and /var/log (and a TMPDIR of its own), so
 //! `ip netns add`, `cp … /opt/cni/bin` and the bridge plugin's `cni0` all stay inside it and
 //! vanish with it. The working directory is the checkout, as README says ("from this
 //! directory"). A block whose first line is `# needs a cluster: …` or `# needs Docker: …` is
@@ -56,8 +56,7 @@ fn needs(b: &Block) -> Option<&str> {
     first.strip_prefix("# needs ")
 }
 
-const SANDBOX_DIRS: [&str; 6] = [
-    "/tmp",
+const SANDBOX_DIRS: [&str; 5] = [
     "/etc/cni/net.d",
     "/opt/cni/bin",
     "/run/netns",
@@ -92,9 +91,13 @@ fn sandbox(script: &str) -> (bool, String) {
         .iter()
         .map(|d| format!("mount -t tmpfs mesh-redirect-readme {d}\n"))
         .collect();
+    // A temp dir of its own (TMPDIR), in memory: not a tmpfs over /tmp, which may hold the
+    // checkout itself.
+    let tmp = TempDir::new();
+    let tmp = tmp.path().display();
     let full = format!(
-        "set -euo pipefail\n{mounts}ip link set lo up\n\
-         export PATH=\"$HOME/.cargo/bin:/root/.cargo/bin:$PATH\" CARGO_NET_OFFLINE=true\n\
+        "set -euo pipefail\n{mounts}mount -t tmpfs mesh-redirect-readme {tmp}\nip link set lo up\n\
+         export PATH=\"$HOME/.cargo/bin:/root/.cargo/bin:$PATH\" CARGO_NET_OFFLINE=true TMPDIR={tmp}\n\
          cd {repo}\n{script}"
     );
     let out = Command::new("unshare")
@@ -224,9 +227,9 @@ fn every_cni_conf_example_works_as_shipped() {
         ("kuma.json", "pod-annotations-kuma.json"),
     ] {
         let script = format!(
-            "{plugin} plan --config cni-conf/{entry} --annotations cni-conf/{annotations} > /tmp/plan.nft\n\
-             grep -q 'table inet mesh_redirect' /tmp/plan.nft\n\
-             nft -c -f /tmp/plan.nft\n"
+            "{plugin} plan --config cni-conf/{entry} --annotations cni-conf/{annotations} > \"$TMPDIR/plan.nft\"\n\
+             grep -q 'table inet mesh_redirect' \"$TMPDIR/plan.nft\"\n\
+             nft -c -f \"$TMPDIR/plan.nft\"\n"
         );
         let (ok, out) = sandbox(&script);
         assert!(ok, "{entry} + {annotations}:\n{}", tail(&out, 30));
