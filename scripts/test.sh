@@ -24,7 +24,9 @@ cargo build --release --bins
 echo "== cargo test"
 cargo test --all-targets "$@"
 echo "== benchmarks, smoke run (numbers meaningless; checks they run and print their tables)"
-BENCH_OUT=$(mktemp -d) scripts/bench.sh --smoke >/dev/null
+bench_out=$(mktemp -d)
+trap 'rm -rf "$bench_out"' EXIT
+BENCH_OUT=$bench_out scripts/bench.sh --smoke >/dev/null
 echo "== fuzz: the harness crate, then a smoke run of every target (fuzz/README.md)"
 (cd fuzz && cargo fmt --check && cargo clippy --all-targets --quiet -- -D warnings && cargo test --lib --quiet)
 fuzz/run.sh 10

@@ -202,6 +202,9 @@ fn the_installer_never_writes_through_symlinks_and_writes_safe_modes() {
         .arg(&bin)
         .arg("--cni-conf-dir")
         .arg(&confd)
+        // Its own event socket, no runtime to reconcile: nothing outside the temp dir.
+        .args(["--reconcile-period", "0", "--event-socket"])
+        .arg(tmp.path().join("events.sock"))
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();

@@ -353,7 +353,8 @@ mod tests {
         assert_eq!(fs::read(d.join("a.conflist")).unwrap(), b"one");
         assert_eq!(mode_of(&d.join("a.conflist")), 0o600);
         // A symlink pointing out of the directory: the link is replaced, the target untouched.
-        let outside = tmpdir().join("victim");
+        let outside_dir = tmpdir();
+        let outside = outside_dir.join("victim");
         fs::write(&outside, b"keep").unwrap();
         std::os::unix::fs::symlink(&outside, d.join("b.conf")).unwrap();
         assert!(
@@ -371,6 +372,7 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
         fs::remove_dir_all(&d).unwrap();
+        fs::remove_dir_all(&outside_dir).unwrap();
     }
 
     #[test]

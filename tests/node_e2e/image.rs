@@ -1,6 +1,6 @@
 //! The node image, built as a user builds it: `cargo build --release --bins`, then
-//! `buildah bud -f deploy/Containerfile .` with no other argument and no registry (buildah
-//! needs no daemon), into storage of the test's own; then saved as an archive that the node's
+//! `buildah bud -f deploy/Containerfile .` with no registry (buildah needs no daemon), into
+//! storage and a network config dir of the test's own; then saved as an archive that the node's
 //! containerd imports, as a registry pull would have put it there.
 
 use crate::node::{Node, run};
@@ -39,8 +39,16 @@ pub fn build(node: &Node, tag: &str) -> Image {
             .env("BUILDAH_ISOLATION", "chroot");
         c
     };
+    // The build as README gives it, plus where buildah keeps its network config (else it
+    // makes /etc/cni/net.d on the host, though nothing here runs a container).
+    let cni = dir.join("cni");
+    let cni = cni.to_string_lossy();
     run(&mut buildah(&[
         "bud",
+        "--cni-config-dir",
+        &cni,
+        "--cni-plugin-path",
+        &cni,
         "-f",
         "deploy/Containerfile",
         "-t",

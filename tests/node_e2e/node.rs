@@ -1073,18 +1073,26 @@ fn mountinfo() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Counts the nodes alive in this process (tests run in parallel): the first notes whether
-/// /run/containerd existed, the last removes the empty dirs containerd 1.6 made there if not.
+/// Host dirs containerd makes outside the node's temp dir: its shim sockets (1.6) and libcni's
+/// result cache (go-cni has no setting for it).
+const HOST_DIRS: [&str; 2] = ["/run/containerd", "/var/lib/cni"];
+
+/// Counts the nodes alive in this process (tests run in parallel): the first notes which of
+/// HOST_DIRS existed, the last removes the empty dirs left in the others.
 fn run_containerd_users(delta: i32) {
     use std::sync::Mutex;
-    static STATE: Mutex<(i32, bool)> = Mutex::new((0, false));
+    static STATE: Mutex<(i32, [bool; 2])> = Mutex::new((0, [false; 2]));
     let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if delta > 0 && st.0 == 0 {
-        st.1 = !Path::new("/run/containerd").exists();
+        st.1 = HOST_DIRS.map(|d| !Path::new(d).exists());
     }
     st.0 += delta;
-    if st.0 == 0 && st.1 {
-        remove_empty_dirs(Path::new("/run/containerd"));
+    if st.0 == 0 {
+        for (d, made) in HOST_DIRS.iter().zip(st.1) {
+            if made {
+                remove_empty_dirs(Path::new(d));
+            }
+        }
     }
 }
 
