@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoints, with hyper: `/readyz` (200 only while chained, the binary
-//! current and the last reconcile pass done), `/healthz` (200 while the process runs) and
+//! current, the last reconcile pass done and no meshed pod known uncaptured; else 503 with the
+//! reason), `/healthz` (200 while the process runs) and
 //! `/metrics` (Prometheus text 0.0.4, or OpenMetrics to a scraper that asks for it).
 
 use super::Shared;

@@ -290,9 +290,10 @@ impl Kubelet {
             Value::Bool(true),
             "the test runs a hostNetwork pod"
         );
+        // Unique per pod, as the API server's uids are (the cgroup parent and log dir use it).
         let uid = format!(
             "da3a5e70-0000-4000-8000-{:012x}",
-            std::process::id() as u64 * 1000 + name.len() as u64
+            crate::node::fnv(&crate::common::unique(name))
         );
         let meta = &d.daemonset["spec"]["template"]["metadata"];
         let strings = |v: &Value| -> HashMap<String, String> {

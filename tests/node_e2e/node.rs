@@ -1014,7 +1014,7 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-fn fnv(s: &str) -> u64 {
+pub fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3) & 0xffff_ffff_ffff
     })
