@@ -13,7 +13,7 @@
 //! the swap writes into it after: that write is a newer version too.
 
 use super::conflist::{self, Conf};
-use super::files::{self, Version};
+use super::files::{self, TempTag, Version};
 use super::log;
 use nix::sys::inotify::{AddWatchFlags, Inotify, WatchDescriptor};
 use serde_json::{Value, json};
@@ -37,6 +37,8 @@ const DISPLACED_FOR: Duration = Duration::from_secs(10);
 const DISPLACED_MAX: usize = 32;
 /// Exchanges in one go before leaving the rest to the writer's next event.
 const MAX_ROUNDS: usize = 64;
+/// How long a one-shot restore (uninstall) watches what it displaced for a late in-place write.
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// Go's `filepath.Ext` of a file name: from the last `.` on, or empty.
 pub fn go_ext(name: &[u8]) -> &[u8] {
@@ -79,14 +81,7 @@ pub fn backup_name(name: &OsStr) -> OsString {
         v.extend_from_slice(suffix);
         return OsString::from_vec(v);
     }
-    OsString::from(format!(".{:016x}{}", fnv1a(b), files::BACKUP_SUFFIX))
-}
-
-/// FNV-1a: stable across builds and versions (the name of a backup must not change).
-fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    OsString::from(format!(".{:016x}{}", files::fnv1a(b), files::BACKUP_SUFFIX))
 }
 
 /// The config name a backup belongs to: the name with the suffix removed, or for a derived
@@ -153,6 +148,9 @@ enum Found {
 struct Displaced {
     wd: WatchDescriptor,
     file: File,
+    /// Its temporary name: it stays linked while watched, so that an installer started after
+    /// a crash finds a late write into it (`recover`).
+    tmp: OsString,
     /// The name it was under, and whether we turned that `.conf` into a list.
     name: OsString,
     converted: bool,
@@ -239,6 +237,8 @@ impl ConfDir {
     /// (no primary, or an invalid one).
     pub fn reconcile(&mut self, inotify: &Inotify) -> Result<bool, String> {
         let dir = self.dir.clone();
+        // What an installer that died mid-write left (a no-op unless it did).
+        recover(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let found = self
             .find_primary()
             .map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -383,7 +383,12 @@ impl ConfDir {
         let mut expected = read;
         let mut content = content;
         for _ in 0..MAX_ROUNDS {
-            let (tmp, placed) = files::write_temp(&dir, &content, mode).map_err(err)?;
+            let tag = TempTag::Exchange {
+                target: files::fnv1a(name.as_bytes()),
+                read: files::fnv1a(&expected.bytes),
+                ours: files::fnv1a(&content),
+            };
+            let (tmp, placed) = files::write_temp(&dir, &content, mode, tag).map_err(err)?;
             match files::exchange(&dir, &tmp, name) {
                 Ok(()) => {}
                 Err(e) => {
@@ -447,7 +452,11 @@ impl ConfDir {
     /// rename first, so a newer version renamed over it meanwhile is put back, not deleted.
     fn move_out(&mut self, inotify: &Inotify, name: &OsStr, read: &Version) -> Result<(), String> {
         let dir = self.dir.clone();
-        let tmp = files::temp_name();
+        files::claim(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let tmp = files::temp_name(TempTag::MovedOut {
+            target: files::fnv1a(name.as_bytes()),
+            read: files::fnv1a(&read.bytes),
+        });
         match std::fs::rename(dir.join(name), dir.join(&tmp)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -470,8 +479,9 @@ impl ConfDir {
         })
     }
 
-    /// Reads the inode now at `tmp` (taken out from under `name`), watches it for a while,
-    /// and unlinks the name. `None` if it is not a regular file (then it is left at `tmp`).
+    /// Reads the inode now at `tmp` (taken out from under `name`) and watches it for a while,
+    /// leaving it linked at `tmp` until the watch ends (unlinked at once when it cannot be
+    /// watched). `None` if it is not a regular file (then it is left at `tmp`).
     fn take_out(
         &mut self,
         inotify: &Inotify,
@@ -490,17 +500,17 @@ impl ConfDir {
             )
             .ok();
         let opened = files::open_version(&path, false);
-        let _ = std::fs::remove_file(&path);
         match (opened, wd) {
             (Ok((file, version)), Some(wd)) => {
                 self.expire(inotify, Instant::now());
                 if self.displaced.len() >= DISPLACED_MAX {
                     let d = self.displaced.remove(0);
-                    let _ = inotify.rm_watch(d.wd);
+                    self.let_go(inotify, d);
                 }
                 self.displaced.push(Displaced {
                     wd,
                     file,
+                    tmp: tmp.to_owned(),
                     name: name.to_owned(),
                     converted,
                     bytes: version.bytes.clone(),
@@ -509,7 +519,10 @@ impl ConfDir {
                 });
                 Some(version)
             }
-            (Ok((_, version)), None) => Some(version),
+            (Ok((_, version)), None) => {
+                let _ = std::fs::remove_file(&path);
+                Some(version)
+            }
             (Err(_), wd) => {
                 if let Some(wd) = wd {
                     let _ = inotify.rm_watch(wd);
@@ -517,6 +530,20 @@ impl ConfDir {
                 None
             }
         }
+    }
+
+    /// Stops watching a displaced inode and unlinks its temporary name.
+    fn let_go(&self, inotify: &Inotify, d: Displaced) {
+        let _ = inotify.rm_watch(d.wd);
+        let _ = std::fs::remove_file(self.dir.join(&d.tmp));
+    }
+
+    /// Lets every displaced inode go (on exit).
+    pub fn release(&mut self, inotify: &Inotify) {
+        for d in std::mem::take(&mut self.displaced) {
+            self.let_go(inotify, d);
+        }
+        files::release_claims(&self.dir);
     }
 
     /// Whether `wd` watches a displaced inode.
@@ -578,13 +605,13 @@ impl ConfDir {
 
     /// Stops watching displaced inodes whose time is up.
     pub fn expire(&mut self, inotify: &Inotify, now: Instant) {
-        self.displaced.retain(|d| {
-            let keep = d.until > now;
-            if !keep {
-                let _ = inotify.rm_watch(d.wd);
-            }
-            keep
-        });
+        let (keep, done): (Vec<_>, Vec<_>) = std::mem::take(&mut self.displaced)
+            .into_iter()
+            .partition(|d| d.until > now);
+        self.displaced = keep;
+        for d in done {
+            self.let_go(inotify, d);
+        }
     }
 
     /// Whether displaced inodes are still watched (the caller then wakes up to expire them).
@@ -642,11 +669,180 @@ impl ConfDir {
     }
 }
 
+/// Config names a hash in a temporary name may stand for: every config in the dir, and the
+/// `.conf`/`.json` a `.conflist` there may have been made from.
+fn candidates(dir: &Path) -> Vec<OsString> {
+    let names = conf_files(dir).unwrap_or_default();
+    let mut all = names.clone();
+    for n in names.iter().filter(|n| is_list(n)) {
+        for ext in [&b".conf"[..], b".json"] {
+            let mut v = stem(n).to_vec();
+            v.extend_from_slice(ext);
+            all.push(OsString::from_vec(v));
+        }
+    }
+    all
+}
+
+/// What [`recover`] did with one temporary file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovered {
+    /// A version of the primary's, newer than what its installer chained, put back under
+    /// its name (the next reconcile chains it).
+    Restored(OsString),
+    /// Nothing newer in it: removed.
+    Removed(OsString),
+}
+
+/// Recovers what installers that died mid-write left in `dir` (SIGKILL, OOM, a node crash):
+/// their temporary files, found by name and kept only where they hold a version of the
+/// primary's newer than the one chained. An exchanged-out version goes back under its name if
+/// that name still holds exactly what the dead installer put there (anything else there is
+/// newer still); a moved-out `.conf` goes back if nothing took its name. Files of live
+/// writers (whose claim is locked) are left alone.
+pub fn recover(dir: &Path) -> io::Result<Vec<Recovered>> {
+    let mut done = Vec::new();
+    let mut dead = std::collections::BTreeSet::new();
+    let names: Vec<OsString> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.as_bytes().starts_with(files::TEMP_PREFIX.as_bytes()))
+        .collect();
+    for tmp in names {
+        let path = dir.join(&tmp);
+        let Some(t) = files::parse_temp(&tmp) else {
+            // An older installer's name: nothing to learn from it; gone once surely stale.
+            let old = std::fs::symlink_metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
+            if old && std::fs::remove_file(&path).is_ok() {
+                done.push(Recovered::Removed(tmp));
+            }
+            continue;
+        };
+        if files::claim_held(dir, t.owner) {
+            continue;
+        }
+        dead.insert(t.owner);
+        let Ok(bytes) = files::read_regular(&path) else {
+            continue;
+        };
+        let h = files::fnv1a(&bytes);
+        let named = |target: u64| {
+            candidates(dir)
+                .into_iter()
+                .find(|n| files::fnv1a(n.as_bytes()) == target)
+        };
+        let restored = match t.tag {
+            files::TempTag::Exchange { target, read, ours } if h != read && h != ours => {
+                match named(target) {
+                    Some(name)
+                        if files::read_regular(&dir.join(&name))
+                            .is_ok_and(|b| files::fnv1a(&b) == ours) =>
+                    {
+                        files::exchange(dir, &tmp, &name)?;
+                        Some(name)
+                    }
+                    _ => None,
+                }
+            }
+            files::TempTag::MovedOut { target, read } if h != read => {
+                // The .conf is gone from the list of configs: look for it beside its list.
+                match named(target) {
+                    Some(name) if !dir.join(&name).exists() => {
+                        files::write_new(dir, &name, &bytes, files::mode_of(&path))?;
+                        Some(name)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let _ = std::fs::remove_file(&path);
+        if let Some(name) = &restored {
+            log(
+                "info",
+                "recovered a version of the primary network config left behind by an installer that died mid-write",
+                json!({"file": show(name)}),
+            );
+        }
+        done.push(match restored {
+            Some(n) => Recovered::Restored(n),
+            None => Recovered::Removed(tmp),
+        });
+    }
+    for owner in dead {
+        let _ = std::fs::remove_file(dir.join(files::claim_name(owner)));
+    }
+    Ok(done)
+}
+
+/// Puts `content` under `dir/name`, where `read` was read, by exchange (never a plain rename
+/// over a name another writer may have just written): while what comes out is not `read`, it
+/// is a newer version, and `next` says what to put instead. Displaced inodes are unlinked.
+fn exchange_in(
+    dir: &Path,
+    name: &OsStr,
+    read: Version,
+    content: Vec<u8>,
+    mode: u32,
+    mut next: impl FnMut(&[u8]) -> Vec<u8>,
+) -> io::Result<()> {
+    let (mut expected, mut content) = (read, content);
+    for _ in 0..MAX_ROUNDS {
+        let tag = TempTag::Exchange {
+            target: files::fnv1a(name.as_bytes()),
+            read: files::fnv1a(&expected.bytes),
+            ours: files::fnv1a(&content),
+        };
+        let (tmp, placed) = files::write_temp(dir, &content, mode, tag)?;
+        if let Err(e) = files::exchange(dir, &tmp, name) {
+            let _ = std::fs::remove_file(dir.join(&tmp));
+            return Err(e);
+        }
+        let opened = files::open_version(&dir.join(&tmp), false);
+        let (file, mut out) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = std::fs::remove_file(dir.join(&tmp));
+                return Err(e);
+            }
+        };
+        if out == expected {
+            // A writer that opened the file before the exchange writes into what we took
+            // out right after: give it a moment, then look again.
+            std::thread::sleep(SETTLE);
+            out.bytes = files::read_all_at(&file)?;
+        }
+        let _ = std::fs::remove_file(dir.join(&tmp));
+        if out == expected {
+            return Ok(());
+        }
+        content = next(&out.bytes);
+        expected = placed;
+    }
+    Err(io::Error::other(
+        "the file kept changing while mesh-redirect's entry was being removed",
+    ))
+}
+
+/// Removes our entry from a version of a config (as written, if it has none or does not parse).
+fn without_us(bytes: &[u8], list: bool) -> Vec<u8> {
+    match conflist::parse(bytes, list) {
+        Ok(c) if conflist::has_ours(&conflist::as_list(&c)) => {
+            conflist::render(&conflist::unchain(&conflist::as_list(&c)))
+        }
+        _ => bytes.to_vec(),
+    }
+}
+
 /// Removes our entries from the conf dir's files (except `keep`), giving back the original
 /// bytes where we kept them and the file is otherwise unchanged; restores `.conf` files we
-/// turned into lists.
+/// turned into lists. Every write goes in by exchange, so a version the primary plugin writes
+/// meanwhile is not lost: it comes back without our entry.
 pub fn unchain_dir(dir: &Path, keep: Option<&OsStr>) -> Result<(), String> {
     let err = |n: &OsStr, e: io::Error| format!("{}: {e}", show(n));
+    recover(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let names = conf_files(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Backups first: they say which files we changed and what they were.
     let backups: Vec<OsString> = std::fs::read_dir(dir)
@@ -673,29 +869,38 @@ pub fn unchain_dir(dir: &Path, keep: Option<&OsStr>) -> Result<(), String> {
             continue;
         }
         let saved = files::read_regular(&dir.join(&backup)).map_err(|e| err(&backup, e))?;
-        if let Ok(now) = files::read_regular(&dir.join(&current))
-            && let Ok(now) = conflist::parse(&now, is_list(&current))
+        if let Ok((_, read)) = files::open_version(&dir.join(&current), false)
+            && let Ok(now) = conflist::parse(&read.bytes, is_list(&current))
         {
             let now = conflist::as_list(&now);
             let saved_list = conflist::parse(&saved, is_list(&orig)).map(|c| conflist::as_list(&c));
             let mode = files::mode_of(&dir.join(&current));
+            let list = is_list(&current);
             if saved_list
                 .as_ref()
                 .is_ok_and(|s| *s == conflist::unchain(&now))
             {
                 // Unchanged but for us: the original bytes, under the original name.
-                files::write_atomic(dir, &orig, &saved, mode).map_err(|e| err(&orig, e))?;
-                if current != orig {
+                if current == orig {
+                    exchange_in(dir, &orig, read, saved.clone(), mode, |b| {
+                        without_us(b, list)
+                    })
+                    .map_err(|e| err(&orig, e))?;
+                } else {
+                    files::write_new(dir, &orig, &saved, mode).or_else(|e| {
+                        // The primary wrote its .conf again meanwhile: that one is newer.
+                        if e.kind() == io::ErrorKind::AlreadyExists {
+                            Ok(())
+                        } else {
+                            Err(err(&orig, e))
+                        }
+                    })?;
                     std::fs::remove_file(dir.join(&current)).map_err(|e| err(&current, e))?;
                 }
             } else if conflist::has_ours(&now) {
-                files::write_atomic(
-                    dir,
-                    &current,
-                    &conflist::render(&conflist::unchain(&now)),
-                    mode,
-                )
-                .map_err(|e| err(&current, e))?;
+                let out = conflist::render(&conflist::unchain(&now));
+                exchange_in(dir, &current, read, out, mode, |b| without_us(b, list))
+                    .map_err(|e| err(&current, e))?;
             }
         }
         std::fs::remove_file(dir.join(&backup)).map_err(|e| err(&backup, e))?;
@@ -710,20 +915,16 @@ pub fn unchain_dir(dir: &Path, keep: Option<&OsStr>) -> Result<(), String> {
         if Some(name.as_os_str()) == keep {
             continue;
         }
-        let Ok(bytes) = files::read_regular(&dir.join(&name)) else {
+        let Ok((_, read)) = files::open_version(&dir.join(&name), false) else {
             continue;
         };
-        if let Ok(c) = conflist::parse(&bytes, is_list(&name)) {
+        if let Ok(c) = conflist::parse(&read.bytes, is_list(&name)) {
             let list = conflist::as_list(&c);
             if matches!(c, Conf::List(_)) && conflist::has_ours(&list) {
                 let mode = files::mode_of(&dir.join(&name));
-                files::write_atomic(
-                    dir,
-                    &name,
-                    &conflist::render(&conflist::unchain(&list)),
-                    mode,
-                )
-                .map_err(|e| err(&name, e))?;
+                let out = conflist::render(&conflist::unchain(&list));
+                exchange_in(dir, &name, read, out, mode, |b| without_us(b, true))
+                    .map_err(|e| err(&name, e))?;
                 log(
                     "info",
                     "removed mesh-redirect from a network config",

@@ -25,23 +25,166 @@ pub struct Version {
     pub bytes: Vec<u8>,
 }
 
-/// A temporary name in the conf dir: fixed length whatever the target's (so it always fits),
-/// unique, and not a config extension (Go's `filepath.Ext` of it is the whole name).
-pub fn temp_name() -> OsString {
-    OsString::from(format!(
-        ".mesh-redirect-tmp-{}-{:x}",
-        std::process::id(),
-        unique_suffix()
-    ))
+/// Prefix of every temporary file we make; no config extension follows (Go's `filepath.Ext`
+/// of such a name is the whole name), so runtimes never load one.
+pub const TEMP_PREFIX: &str = ".mesh-redirect-tmp-";
+/// Prefix of a writer's claim on its temporary files in a directory (see [`claim`]).
+pub const CLAIM_PREFIX: &str = ".mesh-redirect-owner-";
+
+/// FNV-1a, 64 bits: stable across builds and versions (names derived from it must not change).
+pub fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// What a temporary file was made for, written into its name: enough for an installer
+/// started after a crash to tell whether what sits there is a version of the primary's that
+/// must not be lost (see `confdir::recover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TempTag {
+    /// Nothing to recover: a write that had not happened yet (backups, restores, binaries).
+    Plain,
+    /// Exchanged with the file whose name hashes to `target`: we had read the version hashing
+    /// to `read` there and put the one hashing to `ours` in its place. After the exchange this
+    /// name holds what was displaced.
+    Exchange { target: u64, read: u64, ours: u64 },
+    /// A `.conf` (name hashing to `target`) we turned into a list, moved out of the way; we
+    /// had read the version hashing to `read`.
+    MovedOut { target: u64, read: u64 },
+}
+
+/// A parsed temporary name: its writer and what it was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Temp {
+    pub owner: u64,
+    pub tag: TempTag,
+}
+
+/// This process's writer id: random enough to keep two processes (pid 1 in two containers)
+/// apart.
+pub fn owner_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // std seeds RandomState from the OS's randomness.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    })
+}
+
+/// A temporary name in `dir`: fixed length whatever the target's (so it always fits), unique,
+/// naming its writer and its purpose.
+pub fn temp_name(tag: TempTag) -> OsString {
+    let seq = unique_suffix();
+    OsString::from(match tag {
+        TempTag::Plain => format!("{TEMP_PREFIX}{:016x}-p-{seq:x}", owner_id()),
+        TempTag::Exchange { target, read, ours } => format!(
+            "{TEMP_PREFIX}{:016x}-x-{target:016x}-{read:016x}-{ours:016x}-{seq:x}",
+            owner_id()
+        ),
+        TempTag::MovedOut { target, read } => format!(
+            "{TEMP_PREFIX}{:016x}-m-{target:016x}-{read:016x}-{seq:x}",
+            owner_id()
+        ),
+    })
+}
+
+/// Reads a temporary name back (`None`: not ours, or from an older installer).
+pub fn parse_temp(name: &OsStr) -> Option<Temp> {
+    let rest = name.to_str()?.strip_prefix(TEMP_PREFIX)?;
+    let f: Vec<&str> = rest.split('-').collect();
+    let hex = |s: &str| {
+        (s.len() == 16)
+            .then(|| u64::from_str_radix(s, 16).ok())
+            .flatten()
+    };
+    let owner = hex(f.first()?)?;
+    let tag = match (f.get(1).copied()?, f.len()) {
+        ("p", 3) => TempTag::Plain,
+        ("x", 6) => TempTag::Exchange {
+            target: hex(f[2])?,
+            read: hex(f[3])?,
+            ours: hex(f[4])?,
+        },
+        ("m", 5) => TempTag::MovedOut {
+            target: hex(f[2])?,
+            read: hex(f[3])?,
+        },
+        _ => return None,
+    };
+    Some(Temp { owner, tag })
+}
+
+/// The claim file of writer `owner` in a directory.
+pub fn claim_name(owner: u64) -> OsString {
+    OsString::from(format!("{CLAIM_PREFIX}{owner:016x}"))
+}
+
+/// Claims `dir` for this process's tagged temporary files: an exclusive `flock` on
+/// `.mesh-redirect-owner-<id>`, held until the process ends (the kernel drops it then). A
+/// later installer recovers only the temporary files of writers whose claim it can lock.
+pub fn claim(dir: &Path) -> io::Result<()> {
+    use nix::fcntl::{Flock, FlockArg};
+    static CLAIMS: std::sync::Mutex<Vec<(PathBuf, Flock<File>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut held = CLAIMS.lock().unwrap_or_else(|p| p.into_inner());
+    if held.iter().any(|(d, _)| d == dir) {
+        return Ok(());
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir.join(claim_name(owner_id())))?;
+    let l = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))?;
+    held.push((dir.to_path_buf(), l));
+    Ok(())
+}
+
+/// Removes this process's claim files (on a clean exit, once its temporary files are gone).
+pub fn release_claims(dir: &Path) {
+    let _ = fs::remove_file(dir.join(claim_name(owner_id())));
+}
+
+/// Whether writer `owner`'s claim on `dir` is still held by a live process.
+pub fn claim_held(dir: &Path, owner: u64) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    if owner == owner_id() {
+        return true;
+    }
+    let Ok(f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(dir.join(claim_name(owner)))
+    else {
+        return false;
+    };
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(_) => false,
+        Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
+    }
 }
 
 /// A new temporary file in `dir` holding `bytes` with `mode`, synced and closed (exec of a
 /// file open for writing fails with ETXTBSY). Returns its name and identity.
-pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> io::Result<(OsString, Version)> {
-    // create_new never opens, let alone truncates, someone else's file; a collision (another
-    // installer with the same pid in its own container) just tries the next name.
+pub fn write_temp(
+    dir: &Path,
+    bytes: &[u8],
+    mode: u32,
+    tag: TempTag,
+) -> io::Result<(OsString, Version)> {
+    if tag != TempTag::Plain {
+        claim(dir)?;
+    }
+    // create_new never opens, let alone truncates, someone else's file; a collision just
+    // tries the next name.
     let (tmp, mut f) = loop {
-        let tmp = temp_name();
+        let tmp = temp_name(tag);
         match OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -79,13 +222,13 @@ pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> io::Result<(OsString, 
 /// temporary file must live in the directory: rename is atomic only within a filesystem, and
 /// containerd 1.6's conf-dir watcher reloads on its WRITE events but ignores CREATE ones.)
 pub fn write_atomic(dir: &Path, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let (tmp, _) = write_temp(dir, bytes, mode)?;
+    let (tmp, _) = write_temp(dir, bytes, mode, TempTag::Plain)?;
     finish(dir, &tmp, || fs::rename(dir.join(&tmp), dir.join(name)))
 }
 
 /// Like [`write_atomic`], but only if nothing is under `name` (`AlreadyExists` otherwise).
 pub fn write_new(dir: &Path, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let (tmp, _) = write_temp(dir, bytes, mode)?;
+    let (tmp, _) = write_temp(dir, bytes, mode, TempTag::Plain)?;
     finish(dir, &tmp, || {
         renameat2(
             AT_FDCWD,
@@ -180,16 +323,7 @@ fn unique_suffix() -> u128 {
 pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
     // O_NONBLOCK: opening a FIFO someone named *.conf must not hang the installer; reads of
     // a regular file ignore the flag.
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(io::Error::other(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
+    let mut f = open_regular(path)?;
     let mut v = Vec::new();
     f.read_to_end(&mut v)?;
     Ok(v)
@@ -202,17 +336,73 @@ pub fn mode_of(path: &Path) -> u32 {
         .unwrap_or(0o644)
 }
 
-/// Copies `src` to `dir/name` atomically with `mode`, unless an identical file is already
-/// there. Returns whether it wrote.
-pub fn install_file(src: &Path, dir: &Path, name: &str, mode: u32) -> io::Result<bool> {
-    let want = fs::read(src)?;
-    if let Ok(have) = read_regular(&dir.join(name))
-        && have == want
-        && mode_of(&dir.join(name)) == mode
-    {
+/// Whether two files hold the same bytes, read in chunks: the agent's memory limit is small
+/// and binaries are not (a whole-file read of each would cost twice the binary's size).
+pub fn same_content(a: &Path, b: &Path) -> io::Result<bool> {
+    let (fa, fb) = (File::open(a)?, open_regular(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
         return Ok(false);
     }
-    write_atomic(dir, OsStr::new(name), &want, mode)?;
+    let (mut ba, mut bb) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut off = 0u64;
+    loop {
+        let n = fa.read_at(&mut ba, off)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        let mut got = 0;
+        while got < n {
+            match fb.read_at(&mut bb[got..n], off + got as u64)? {
+                0 => return Ok(false),
+                m => got += m,
+            }
+        }
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+}
+
+/// Opens a regular file without following a symlink at its last component.
+fn open_regular(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Copies `src` to `dir/name` atomically with `mode` (streamed into a temporary file, synced,
+/// renamed), unless an identical file is already there. Returns whether it wrote.
+pub fn install_file(src: &Path, dir: &Path, name: &str, mode: u32) -> io::Result<bool> {
+    if same_content(src, &dir.join(name)).unwrap_or(false) && mode_of(&dir.join(name)) == mode {
+        return Ok(false);
+    }
+    let mut from = File::open(src)?;
+    let tmp = temp_name(TempTag::Plain);
+    let res = (|| {
+        let mut to = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir.join(&tmp))?;
+        io::copy(&mut from, &mut to)?;
+        to.set_permissions(fs::Permissions::from_mode(mode))?;
+        to.sync_all()
+    })();
+    if let Err(e) = res {
+        let _ = fs::remove_file(dir.join(&tmp));
+        return Err(e);
+    }
+    finish(dir, &tmp, || fs::rename(dir.join(&tmp), dir.join(name)))?;
     Ok(true)
 }
 
@@ -279,10 +469,7 @@ fn soname(file: &str) -> String {
 
 /// Whether `bin_dir/mesh-redirect` is byte for byte `plugin`.
 pub fn binary_is_current(bin_dir: &Path, plugin: &Path) -> bool {
-    match (fs::read(plugin), read_regular(&bin_dir.join(BINARY))) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
+    same_content(plugin, &bin_dir.join(BINARY)).unwrap_or(false)
 }
 
 /// (inode, mtime seconds, mtime nanoseconds, size) of a file.
@@ -328,9 +515,25 @@ pub fn glibc_requirement(binary: &[u8]) -> Option<(u32, u32)> {
         .max()
 }
 
+/// [`glibc_requirement`] of a file, read in chunks (that overlap by more than a version name).
+pub fn glibc_requirement_of(path: &Path) -> io::Result<Option<(u32, u32)>> {
+    let f = File::open(path)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut off, mut best) = (0u64, None);
+    loop {
+        let n = f.read_at(&mut buf, off)?;
+        best = best.max(glibc_requirement(&buf[..n]));
+        if n < buf.len() {
+            return Ok(best);
+        }
+        off += (n - 64) as u64;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     fn tmpdir() -> PathBuf {
         let d =
@@ -373,6 +576,33 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         fs::remove_dir_all(&d).unwrap();
         fs::remove_dir_all(&outside_dir).unwrap();
+    }
+
+    #[test]
+    fn temp_names_carry_their_writer_and_purpose() {
+        for tag in [
+            TempTag::Plain,
+            TempTag::Exchange {
+                target: 1,
+                read: u64::MAX,
+                ours: 0xabc,
+            },
+            TempTag::MovedOut { target: 7, read: 8 },
+        ] {
+            let n = temp_name(tag);
+            assert!(n.len() < 120, "{n:?}");
+            assert_eq!(
+                parse_temp(&n),
+                Some(Temp {
+                    owner: owner_id(),
+                    tag
+                })
+            );
+            // One dot, the first byte: Go's filepath.Ext is the whole name, never a config's.
+            assert_eq!(n.as_bytes().iter().filter(|&&b| b == b'.').count(), 1);
+        }
+        assert_eq!(parse_temp(OsStr::new(".mesh-redirect-tmp-123-abc")), None);
+        assert_eq!(parse_temp(OsStr::new("10-bridge.conflist")), None);
     }
 
     #[test]

@@ -160,12 +160,7 @@ impl Options {
 
 /// One JSON log line on stderr.
 pub(crate) fn log(level: &str, msg: &str, extra: Value) {
-    let mut line = json!({"ts": crate::log::rfc3339(std::time::SystemTime::now()), "level": level,
-        "component": "installer", "msg": msg});
-    if let (Some(l), Value::Object(e)) = (line.as_object_mut(), extra) {
-        l.extend(e);
-    }
-    eprintln!("{line}");
+    crate::log::line(crate::log::Component::Installer, level, msg, extra);
 }
 
 /// The installer's state between events.
@@ -349,9 +344,7 @@ pub fn run(
             .map_err(|e| format!("watch {}: {e}", d.display()))?;
     }
     let mut inst = Installer::new(opts.clone(), plugin.clone(), entry);
-    let needs = std::fs::read(&plugin)
-        .ok()
-        .and_then(|b| files::glibc_requirement(&b));
+    let needs = files::glibc_requirement_of(&plugin).ok().flatten();
     log(
         "info",
         "starting",
@@ -385,6 +378,7 @@ pub fn run(
         let (sig, changed) = (ready(0), ready(1));
         if sig {
             let _ = sigfd.read_signal();
+            inst.conf.release(&inotify);
             if inst.opts.keep_on_exit {
                 log(
                     "info",
@@ -418,6 +412,7 @@ pub fn run(
 /// Undoes everything: our entries (original files back) and, unless kept, the binary.
 pub fn cleanup(opts: &Options) -> Result<(), String> {
     unchain_dir(&opts.conf_dir, None)?;
+    files::release_claims(&opts.conf_dir);
     if !opts.keep_binary {
         files::remove_binary(&opts.bin_dir)
             .map_err(|e| format!("{}: {e}", opts.bin_dir.display()))?;
