@@ -531,6 +531,34 @@ fn table_flag_names(flags: u32) -> String {
     names.join(",")
 }
 
+/// How a namespace's table compares with the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    /// The table's flags, `None` when there is no table.
+    pub table_flags: Option<u32>,
+    /// What differs, in words (empty: the table is exactly the plan).
+    pub differences: Vec<String>,
+}
+
+/// `NFT_TABLE_F_OWNER`: the table belongs to one netlink socket, and only it may change it.
+pub const TABLE_F_OWNER: u32 = 2;
+
+impl Drift {
+    pub fn is_empty(&self) -> bool {
+        self.differences.is_empty()
+    }
+
+    pub fn table_missing(&self) -> bool {
+        self.table_flags.is_none()
+    }
+
+    /// Someone in the namespace holds the table as its owner: the kernel refuses every change
+    /// from anyone else until that socket closes.
+    pub fn owned_by_another(&self) -> bool {
+        self.table_flags.is_some_and(|f| f & TABLE_F_OWNER != 0)
+    }
+}
+
 /// The netfilter socket of one network namespace, and its rtnetlink socket when TPROXY's
 /// policy routing or `::6` on `lo` is involved.
 pub struct Kernel {
@@ -709,11 +737,14 @@ impl Kernel {
         Ok(self.sock.table_exists(FAMILY as u16, TABLE)?)
     }
 
-    /// Compares the kernel's table with `rs`. Returns what differs (empty: identical).
-    pub fn diff(&mut self, rs: &Ruleset) -> Result<Vec<String>, KernelError> {
+    /// Compares the kernel's table with `rs`: what differs (nothing: identical).
+    pub fn diff(&mut self, rs: &Ruleset) -> Result<Drift, KernelError> {
         let fam = FAMILY as u16;
         let Some(flags) = self.sock.table_flags(fam, TABLE)? else {
-            return Ok(vec![format!("table inet {TABLE} is missing")]);
+            return Ok(Drift {
+                table_flags: None,
+                differences: vec![format!("table inet {TABLE} is missing")],
+            });
         };
         let mut diffs = Vec::new();
         if flags != 0 {
@@ -787,7 +818,10 @@ impl Kernel {
                 }
             }
         }
-        Ok(diffs)
+        Ok(Drift {
+            table_flags: Some(flags),
+            differences: diffs,
+        })
     }
 
     fn diff_chains(&mut self, rs: &Ruleset, diffs: &mut Vec<String>) -> Result<(), KernelError> {

@@ -13,6 +13,36 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The most a message field may take in a log line.
 const MAX_FIELD: usize = 1024;
 
+/// Which long-running part of the node agent a log line comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Installer,
+    Agent,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Installer => "installer",
+            Component::Agent => "agent",
+        }
+    }
+}
+
+/// One JSON log line on stderr for the node agent (installer and agent alike): time, level,
+/// component, message, and `extra`'s fields.
+pub fn line(component: Component, level: &str, msg: &str, extra: Value) {
+    let mut l = Map::new();
+    l.insert("ts".into(), json!(rfc3339(SystemTime::now())));
+    l.insert("level".into(), json!(level));
+    l.insert("component".into(), json!(component.as_str()));
+    l.insert("msg".into(), json!(msg));
+    if let Value::Object(e) = extra {
+        l.extend(e);
+    }
+    eprintln!("{}", Value::Object(l));
+}
+
 /// What one invocation did.
 #[derive(Debug, Default, Clone)]
 pub struct Record {

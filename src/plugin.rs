@@ -4,7 +4,7 @@ use crate::config::{self, LogLevel, PluginConfig};
 use crate::kernel::Kernel;
 use crate::log::Record;
 use crate::netns::Netns;
-use crate::pod;
+use crate::pod::{self, PodPlan};
 use crate::policy::{self, Decision, Pod};
 use crate::protocol::{self, CniError, Command, Env, code};
 use crate::route;
@@ -130,11 +130,7 @@ fn result(conf: &Map<String, Value>, version: &str, cmd: Command) -> Result<Valu
 }
 
 /// The pod's ruleset, or why it is not captured.
-fn plan(
-    env: &Env,
-    conf: &Map<String, Value>,
-    cfg: &PluginConfig,
-) -> Result<Result<Ruleset, String>, CniError> {
+fn plan(env: &Env, conf: &Map<String, Value>, cfg: &PluginConfig) -> Result<PodPlan, CniError> {
     let annotations = config::pod_annotations(conf)?;
     pod::plan(
         cfg,
@@ -158,13 +154,13 @@ fn add(
 ) -> Result<Option<Value>, CniError> {
     let out = result(conf, version, Command::Add)?;
     match plan(env, conf, &cfg)? {
-        Ok(rs) => {
+        PodPlan::Capture(rs) => {
             rec.rules = Some(rs.rule_count());
             rec.set_elements = Some(rs.sets.iter().map(|s| s.elems.len()).sum());
             pod::apply(Path::new(&env.netns), &rs)?;
             rec.decision = "captured".into();
         }
-        Err(why) => rec.decision = format!("skipped: {why}"),
+        PodPlan::Skip(why) => rec.decision = format!("skipped: {why}"),
     }
     Ok(Some(out))
 }
@@ -179,14 +175,16 @@ fn check(
     let out = result(conf, version, Command::Check)?;
     let planned = plan(env, conf, &cfg)?;
     let diffs = match &planned {
-        Ok(rs) => pod::diff(Path::new(&env.netns), rs)?,
-        Err(why) if pod::in_netns_at(Path::new(&env.netns), false, |k| k.table_exists())? => {
+        PodPlan::Capture(rs) => pod::diff(Path::new(&env.netns), rs)?.differences,
+        PodPlan::Skip(why)
+            if pod::in_netns_at(Path::new(&env.netns), false, |k| k.table_exists())? =>
+        {
             vec![format!(
                 "table inet {} exists but the pod is not captured ({why})",
                 ruleset::TABLE
             )]
         }
-        Err(_) => Vec::new(),
+        PodPlan::Skip(_) => Vec::new(),
     };
     if !diffs.is_empty() {
         return Err(CniError::new(
@@ -195,8 +193,8 @@ fn check(
         ));
     }
     rec.decision = match planned {
-        Ok(_) => "checked: ruleset matches".into(),
-        Err(_) => "checked: not captured, no table".into(),
+        PodPlan::Capture(_) => "checked: ruleset matches".into(),
+        PodPlan::Skip(_) => "checked: not captured, no table".into(),
     };
     Ok(Some(out))
 }
@@ -223,8 +221,8 @@ fn del(
     // `::6` if we added it (it carries our mark). If the plan cannot be made (DEL must not
     // fail on config), the routing rule and route, which are unambiguously ours.
     let (routing, rtnetlink) = match cfg.and_then(|c| plan(env, conf, &c)) {
-        Ok(Ok(rs)) => (rs.routing, rs.needs_rtnetlink()),
-        Ok(Err(_)) => (None, false),
+        Ok(PodPlan::Capture(rs)) => (rs.routing, rs.needs_rtnetlink()),
+        Ok(PodPlan::Skip(_)) => (None, false),
         Err(_) => (
             Some(route::Routing {
                 mark: ruleset::TPROXY_MARK,

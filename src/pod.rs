@@ -4,18 +4,28 @@
 //! comparison exactly a CHECK.
 
 use crate::config::PluginConfig;
-use crate::kernel::{Kernel, KernelError};
+use crate::kernel::{Drift, Kernel, KernelError};
 use crate::netns::{Netns, NetnsError};
 use crate::policy::{self, Decision, Pod};
 use crate::protocol::{CniError, code};
 use crate::ruleset::{self, Ruleset};
 use std::path::Path;
 
-/// The pod's ruleset, or why it is not captured.
-pub fn plan(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Result<Ruleset, String>, CniError> {
+/// What to do with a pod: install this ruleset, or leave it alone for a stated reason.
+// One per pod, moved once: boxing the ruleset would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodPlan {
+    Capture(Ruleset),
+    /// Not captured, and why (a decision, not an error).
+    Skip(String),
+}
+
+/// The pod's plan. `Err`: its annotations (or the config) are invalid.
+pub fn plan(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<PodPlan, CniError> {
     Ok(match policy::decide(cfg, pod)? {
-        Decision::Capture(p) => Ok(ruleset::build(&p)),
-        Decision::Skip(why) => Err(why),
+        Decision::Capture(p) => PodPlan::Capture(ruleset::build(&p)),
+        Decision::Skip(why) => PodPlan::Skip(why),
     })
 }
 
@@ -67,7 +77,7 @@ pub fn apply(path: &Path, rs: &Ruleset) -> Result<(), CniError> {
     in_netns_at(path, rs.needs_rtnetlink(), |k| k.replace(rs))
 }
 
-/// What differs between the netns's table and `rs` (CHECK's comparison; empty: identical).
-pub fn diff(path: &Path, rs: &Ruleset) -> Result<Vec<String>, CniError> {
+/// What differs between the netns's table and `rs` (CHECK's comparison).
+pub fn diff(path: &Path, rs: &Ruleset) -> Result<Drift, CniError> {
     in_netns_at(path, rs.needs_rtnetlink(), |k| k.diff(rs))
 }

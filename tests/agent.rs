@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::memcg;
 use common::*;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -15,17 +16,41 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_mesh-redirect-agent");
+const PROBE_PORT: u16 = 15700;
 const METRICS_PORT: u16 = 15701;
 
 struct Agent {
     child: Child,
-    ns: Netns,
-    tmp: TempDir,
+    /// The namespace its ports live in (owned unless borrowed from another agent).
+    netns: String,
+    ns_name: String,
+    _ns: Option<Netns>,
+    _tmp: TempDir,
     socket: PathBuf,
+    log: PathBuf,
+}
+
+/// How a test starts its agent.
+#[derive(Default)]
+struct Start<'a> {
+    /// Another agent's dirs and namespace to share (its event socket, its network).
+    beside: Option<&'a Agent>,
+    args: &'a [&'a str],
+    env: &'a [(&'a str, &'a str)],
+    /// Run inside this memory cgroup (as the kubelet runs the container).
+    memcg: Option<&'a memcg::MemCgroup>,
+    /// Do not wait for the metrics and the socket.
+    no_wait: bool,
+    /// Run the release build (what the image ships) instead of the debug one.
+    release: bool,
 }
 
 impl Agent {
     fn start() -> Agent {
+        Agent::with(Start::default())
+    }
+
+    fn with(o: Start) -> Agent {
         require_root();
         let tmp = TempDir::new();
         for d in ["bin", "net.d"] {
@@ -36,31 +61,62 @@ impl Agent {
             r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"}]}"#,
         )
         .unwrap();
-        let ns = Netns::new("mrt-agent-");
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        let socket = tmp.path().join("run/events.sock");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, AGENT, "install"])
+        let (ns, ns_name, socket) = match o.beside {
+            Some(a) => (None, a.ns_name.clone(), a.socket.clone()),
+            None => {
+                let ns = Netns::new("mrt-agent-");
+                ns.exec(&["ip", "link", "set", "lo", "up"]);
+                let name = ns.name.clone();
+                (Some(ns), name, tmp.path().join("run/events.sock"))
+            }
+        };
+        // A second agent beside another shares its namespace: other ports.
+        let off = if o.beside.is_some() { 10 } else { 0 };
+        let log = tmp.path().join("agent.log");
+        let agent = if o.release {
+            release_bins().join("mesh-redirect-agent")
+        } else {
+            PathBuf::from(AGENT)
+        };
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"[ -z "$MRT_PROCS" ] || echo $$ > "$MRT_PROCS"; exec "$@""#)
+            .arg("sh")
+            .args(["ip", "netns", "exec", &ns_name])
+            .arg(&agent)
+            .arg("install")
             .arg("--cni-bin-dir")
             .arg(tmp.path().join("bin"))
             .arg("--cni-conf-dir")
             .arg(tmp.path().join("net.d"))
             .args(["--reconcile-period", "0"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
+            .args([
+                "--readiness-addr",
+                &format!("127.0.0.1:{}", PROBE_PORT + off),
+            ])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", METRICS_PORT + off),
+            ])
             .arg("--event-socket")
             .arg(&socket)
+            .args(o.args)
+            .env("MRT_PROCS", o.memcg.map(|c| c.procs()).unwrap_or_default())
+            .envs(o.env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(tmp.path().join("agent.log")).unwrap())
-            .spawn()
-            .expect("start the agent");
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().expect("start the agent");
         let a = Agent {
             child,
-            ns,
-            tmp,
+            netns: format!("/run/netns/{ns_name}"),
+            ns_name,
+            _ns: ns,
+            _tmp: tmp,
             socket,
+            log,
         };
         let t = Instant::now();
-        while a.metrics().is_none() || !a.socket.exists() {
+        while !o.no_wait && (a.metrics_at(METRICS_PORT + off).is_none() || !a.socket.exists()) {
             assert!(
                 t.elapsed() < Duration::from_secs(20),
                 "agent did not start:\n{}",
@@ -71,14 +127,22 @@ impl Agent {
         a
     }
 
+    fn metrics_at(&self, port: u16) -> Option<String> {
+        http_get_in(&self.netns, port, "/metrics")
+            .filter(|(c, _)| *c == 200)
+            .map(|(_, b)| b)
+    }
+
+    fn get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        http_get_in(&self.netns, port, path)
+    }
+
     fn log(&self) -> String {
-        std::fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn metrics(&self) -> Option<String> {
-        http_get_in(&self.ns.path(), METRICS_PORT, "/metrics")
-            .filter(|(c, _)| *c == 200)
-            .map(|(_, b)| b)
+        self.metrics_at(METRICS_PORT)
     }
 
     /// A sample's value (0 when absent), `name{labels}` written as in the text format.
@@ -107,33 +171,10 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // `sh` execs `ip`, which execs the agent: the child's pid is the agent's.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The value of one series in Prometheus text (labels in any order).
-fn sample(text: &str, series: &str) -> f64 {
-    let (name, labels) = match series.split_once('{') {
-        Some((n, l)) => (n, l.trim_end_matches('}')),
-        None => (series, ""),
-    };
-    let want: Vec<&str> = labels.split(',').filter(|s| !s.is_empty()).collect();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (s, v) = l.rsplit_once(' ')?;
-            let (n, ls) = match s.split_once('{') {
-                Some((n, l)) => (n, l.trim_end_matches('}')),
-                None => (s, ""),
-            };
-            let have: Vec<&str> = ls.split(',').filter(|s| !s.is_empty()).collect();
-            (n == name && want.len() == have.len() && want.iter().all(|w| have.contains(w)))
-                .then(|| v.parse().ok())
-                .flatten()
-        })
-        .next()
-        .unwrap_or(0.0)
 }
 
 /// The plugin's ADD for a pod in a fresh netns, with the events going to `socket`.
@@ -146,7 +187,15 @@ fn add(ns: &Netns, socket: &Path, annotations: Value) -> (bool, Value) {
 fn a_burst_of_100_concurrent_adds_is_counted_exactly() {
     let a = Agent::start();
     // As on many nodes: 10 datagrams at most per unix socket. Events are not datagrams.
-    a.ns.exec(&["sysctl", "-qw", "net.unix.max_dgram_qlen=10"]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &a.ns_name,
+        "sysctl",
+        "-qw",
+        "net.unix.max_dgram_qlen=10",
+    ]);
     let pods: Vec<Netns> = (0..100).map(|_| Netns::new("mrt-burst-")).collect();
     for p in &pods {
         p.exec(&["ip", "link", "set", "lo", "up"]);
@@ -292,16 +341,26 @@ fn garbage_floods_and_a_replaced_socket_change_no_count_and_block_nothing() {
     let p = Netns::new("mrt-ev-");
     assert!(add(&p, &a.socket, json!({STATUS: "{}"})).0);
     a.wait_value(captured, 6.0);
-    // Removed altogether: the same.
+    // Removed altogether: the same, and its event counted once it is back.
+    let rebinds = || a.log().matches("binding it again").count();
+    let before = rebinds();
     std::fs::remove_file(&a.socket).unwrap();
     let p = Netns::new("mrt-ev-");
     assert!(add(&p, &a.socket, json!({STATUS: "{}"})).0);
-    assert!(a.log().contains("binding it again"), "{}", a.log());
+    let t = Instant::now();
+    while rebinds() == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "not rebound:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let p = Netns::new("mrt-ev-");
+    assert!(add(&p, &a.socket, json!({STATUS: "{}"})).0);
+    a.wait_value(captured, 7.0);
     // The agent is still whole: health and metrics answer.
-    assert_eq!(
-        http_get_in(&a.ns.path(), METRICS_PORT, "/healthz").map(|(c, _)| c),
-        Some(200)
-    );
+    assert_eq!(a.get(PROBE_PORT, "/healthz").map(|(c, _)| c), Some(200));
 }
 
 #[test]
@@ -329,7 +388,7 @@ fn metrics_are_prometheus_text_and_openmetrics_on_request() {
     );
     assert!(!m.contains("# EOF"), "the classic format has no EOF marker");
     // A scraper asking for OpenMetrics gets it.
-    let (netns, port) = (a.ns.path(), METRICS_PORT);
+    let (netns, port) = (a.netns.clone(), METRICS_PORT);
     let open = std::thread::spawn(move || {
         let f = std::fs::File::open(&netns).ok()?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
@@ -348,4 +407,261 @@ fn metrics_are_prometheus_text_and_openmetrics_on_request() {
     .unwrap();
     assert!(open.contains("application/openmetrics-text"), "{open}");
     assert!(open.trim_end().ends_with("# EOF"), "{open}");
+}
+
+/// `n` connections to `127.0.0.1:port` inside `netns`, each sending a request head that never
+/// ends, `chunk` bytes per round, for `dur` (a connection the agent closes is opened again).
+/// Returns how many connections were opened in all.
+fn slow_flood(netns: &str, port: u16, n: usize, chunk: usize, dur: Duration) -> usize {
+    let netns = netns.to_string();
+    std::thread::spawn(move || {
+        use std::io::ErrorKind;
+        let f = std::fs::File::open(&netns).expect("netns");
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let pad = format!("X-Pad: {}\r\n", "a".repeat(chunk.saturating_sub(10)));
+        let open = || {
+            let s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_nonblocking(true).ok()?;
+            (&s).write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .ok()?;
+            Some(s)
+        };
+        let mut opened = 0;
+        let mut conns: Vec<Option<std::net::TcpStream>> = (0..n).map(|_| None).collect();
+        let t = Instant::now();
+        while t.elapsed() < dur {
+            for c in conns.iter_mut() {
+                if c.is_none() {
+                    *c = open();
+                    opened += c.is_some() as usize;
+                }
+                if let Some(s) = c {
+                    match (&*s).write(pad.as_bytes()) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(_) => *c = None,
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        opened
+    })
+    .join()
+    .unwrap()
+}
+
+/// Issue 18.1: the metrics port is on the node's address, which every pod can reach. Without
+/// limits, slow connections each buffering a large request head OOM-killed the agent at the
+/// manifest's 64 MiB. Here 1,000 such connections hit the metrics port and 200 the probe port
+/// for 8 s, with the agent in a memory cgroup at that limit.
+#[test]
+fn a_flood_of_slow_connections_cannot_kill_the_agent() {
+    let cg = memcg::MemCgroup::new(&unique("mrt-agent-mem-"), 64 << 20);
+    let mut a = Agent::with(Start {
+        memcg: Some(&cg),
+        release: true,
+        ..Start::default()
+    });
+    let base = cg.usage();
+    let t = Instant::now();
+    let (m, p) = std::thread::scope(|s| {
+        let m = s.spawn(|| slow_flood(&a.netns, METRICS_PORT, 1000, 8192, Duration::from_secs(8)));
+        let p = s.spawn(|| slow_flood(&a.netns, PROBE_PORT, 200, 8192, Duration::from_secs(8)));
+        (m.join().unwrap(), p.join().unwrap())
+    });
+    let flood = t.elapsed();
+    assert!(
+        a.child.try_wait().unwrap().is_none(),
+        "the agent died under the flood:\n{}",
+        a.log()
+    );
+    assert_eq!(cg.oom_kills(), 0, "OOM kills in the agent's cgroup");
+    // It serves again at once.
+    let t = Instant::now();
+    while a.metrics().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no /metrics after the flood"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(a.get(PROBE_PORT, "/healthz").map(|(c, _)| c), Some(200));
+    let rejected = sample(
+        &a.metrics().unwrap(),
+        r#"mesh_redirect_http_connections_rejected_total{listener="metrics"}"#,
+    );
+    assert!(rejected > 0.0, "the flood was never turned away");
+    println!(
+        "flood: {m} + {p} connections over {:.1} s; agent memory before {:.1} MiB, peak {:.1} MiB \
+         (limit 64 MiB), {rejected} metrics connections turned away, 0 OOM kills",
+        flood.as_secs_f64(),
+        base as f64 / (1 << 20) as f64,
+        cg.peak() as f64 / (1 << 20) as f64
+    );
+}
+
+/// Issue 18.2: the metrics address answers /metrics only; readiness (which names pods) and
+/// health stay on the probe address.
+#[test]
+fn the_metrics_address_serves_metrics_only() {
+    let a = Agent::start();
+    for path in ["/readyz", "/healthz", "/", "/metrics/../readyz"] {
+        let (code, body) = a.get(METRICS_PORT, path).expect("metrics address answers");
+        assert_eq!(code, 404, "{path}: {body}");
+    }
+    assert_eq!(a.get(METRICS_PORT, "/metrics").map(|(c, _)| c), Some(200));
+    a.wait_value("mesh_redirect_ready", 1.0);
+    assert_eq!(a.get(PROBE_PORT, "/readyz").map(|(c, _)| c), Some(200));
+    assert_eq!(a.get(PROBE_PORT, "/healthz").map(|(c, _)| c), Some(200));
+    assert_eq!(a.get(PROBE_PORT, "/metrics").map(|(c, _)| c), Some(404));
+    // One address for both is refused at start, saying why.
+    let out = Command::new(AGENT)
+        .args(["install", "--cni-bin-dir", "/b", "--cni-conf-dir", "/c"])
+        .args([
+            "--readiness-addr",
+            "127.0.0.1:9",
+            "--metrics-addr",
+            "127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must differ"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue 18.6: a second agent with the same event socket (a surge rollout, a second
+/// DaemonSet, a debug run) neither unlinks nor rebinds it: it waits for the owner to go, and
+/// every event is counted exactly once, by the owner.
+#[test]
+fn two_agents_never_fight_over_one_event_socket() {
+    let a = Agent::start();
+    let ino =
+        || std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(&a.socket).unwrap());
+    let first = ino();
+    let mut b = Agent::with(Start {
+        beside: Some(&a),
+        ..Start::default()
+    });
+    let owned = |ag: &Agent, port: u16| {
+        sample(
+            &ag.metrics_at(port).unwrap_or_default(),
+            "mesh_redirect_event_socket_owned",
+        )
+    };
+    let t = Instant::now();
+    while !b.log().contains("another agent owns the event socket") {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pods: Vec<Netns> = (0..10).map(|_| Netns::new("mrt-two-")).collect();
+    for p in &pods {
+        assert!(add(p, &a.socket, json!({STATUS: "{}"})).0);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let captured =
+        r#"mesh_redirect_plugin_invocations_total{command="ADD",outcome="captured",code=""}"#;
+    a.wait_value(captured, 10.0);
+    assert_eq!(
+        sample(&b.metrics_at(METRICS_PORT + 10).unwrap(), captured),
+        0.0
+    );
+    assert_eq!(ino(), first, "the socket was rebound while its owner lived");
+    assert_eq!(
+        (owned(&a, METRICS_PORT), owned(&b, METRICS_PORT + 10)),
+        (1.0, 0.0)
+    );
+    // The owner goes: the other takes over and counts from then on.
+    let mut a = a;
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let t = Instant::now();
+    while owned(&b, METRICS_PORT + 10) != 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let p = Netns::new("mrt-two-");
+    assert!(add(&p, &a.socket, json!({STATUS: "{}"})).0);
+    let t = Instant::now();
+    while sample(
+        &b.metrics_at(METRICS_PORT + 10).unwrap_or_default(),
+        captured,
+    ) != 1.0
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.child.try_wait().unwrap().is_none());
+}
+
+/// The tid of the agent's thread named `name`.
+fn thread_of(pid: u32, name: &str) -> i32 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("no thread {name} in {pid}"))
+}
+
+/// Issue 18.9: a worker thread that stops making progress makes /healthz fail (so the kubelet
+/// restarts the agent), and a panic in any thread ends the process. The events thread is
+/// stopped for real (ptrace stops that one thread, nothing else).
+#[test]
+fn a_stalled_or_panicking_thread_is_not_healthy() {
+    use nix::sys::ptrace;
+    let a = Agent::start();
+    assert_eq!(a.get(PROBE_PORT, "/healthz").map(|(c, _)| c), Some(200));
+    let tid = nix::unistd::Pid::from_raw(thread_of(a.child.id(), "events"));
+    ptrace::seize(tid, ptrace::Options::empty()).expect("PTRACE_SEIZE the events thread");
+    ptrace::interrupt(tid).expect("PTRACE_INTERRUPT");
+    let t = Instant::now();
+    let body = loop {
+        match a.get(PROBE_PORT, "/healthz") {
+            Some((503, b)) => break b,
+            _ => {
+                assert!(t.elapsed() < Duration::from_secs(45), "still healthy");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    assert!(body.contains("events thread"), "{body}");
+    println!(
+        "/healthz 503 {:.0} s after the events thread stopped: {}",
+        t.elapsed().as_secs_f64(),
+        body.trim()
+    );
+    let _ = nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL));
+    let _ = ptrace::detach(tid, None);
+    drop(a);
+
+    // A panic in the reconcile or events thread: the process exits with 70 at once.
+    for worker in ["events", "installer"] {
+        let mut a = Agent::with(Start {
+            env: &[("MESH_REDIRECT_TEST_PANIC", worker)],
+            no_wait: true,
+            ..Start::default()
+        });
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = a.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{worker}: still running"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(70), "{worker}: {}", a.log());
+        assert!(
+            a.log().contains("a thread panicked") && a.log().contains(worker),
+            "{}",
+            a.log()
+        );
+    }
 }

@@ -13,8 +13,12 @@
 mod common;
 #[path = "node_e2e/cri.rs"]
 mod cri;
+#[path = "node_e2e/criproxy.rs"]
+mod criproxy;
 #[path = "node_e2e/daemonset.rs"]
 mod daemonset;
+#[path = "node_e2e/hostile.rs"]
+mod hostile;
 #[path = "node_e2e/image.rs"]
 mod image;
 #[path = "node_e2e/kubelet.rs"]
@@ -791,7 +795,7 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     // A meshed pod it cannot check is a pod possibly uncaptured: not ready, and says which.
     node::wait_for(5, "not ready, naming web-a", || {
         node.installer().get("/readyz").is_some_and(|(c, b)| {
-            c == 503 && b.contains("1 meshed pod(s) not captured: default/web-a")
+            c == 503 && b.contains("1 meshed pod(s) not captured or not checked: default/web-a")
         })
     });
     assert!(has_table(&web_b.netns));

@@ -34,6 +34,18 @@ pub enum CriError {
 }
 
 impl CriError {
+    /// The conversation broke (no answer from the runtime), as opposed to the runtime
+    /// answering with an error. tonic reports a broken connection as a status too, with the
+    /// transport error as its source; a runtime's own error status has none.
+    pub fn is_transport(&self) -> bool {
+        match self {
+            CriError::Call(_, s) => {
+                std::error::Error::source(s).is_some() || s.code() == tonic::Code::Unavailable
+            }
+            CriError::Connect(..) | CriError::Runtime(_) => true,
+        }
+    }
+
     /// The object is gone (a sandbox removed while we looked at it).
     pub fn is_not_found(&self) -> bool {
         matches!(self, CriError::Call(_, s) if s.code() == tonic::Code::NotFound)
@@ -180,16 +192,18 @@ impl Cri {
 pub struct SandboxNet {
     /// The pod uses the node's network (no CNI, nothing to capture).
     pub host_network: bool,
-    /// The network namespace's path, as the runtime gives it.
+    /// The network namespace's path, as the runtime gives it (its runtime spec).
     pub netns: Option<PathBuf>,
+    /// The sandbox process's pid, where the runtime reports it (older runtimes give only that).
+    pub pid: Option<u32>,
     /// The pod has an IPv6 address.
     pub ipv6: bool,
 }
 
 /// Reads a sandbox's network from its status. containerd (1.6 to 2.x) and CRI-O both put a
 /// JSON document under the verbose info's `info` key whose `runtimeSpec.linux.namespaces`
-/// entry of type `network` holds the netns path; when it does not (an old runtime), the
-/// sandbox's `pid` gives `/proc/PID/ns/net`.
+/// entry of type `network` holds the netns path; an old runtime gives only the sandbox's `pid`
+/// (see `sandbox_netns` for how that is used safely).
 pub fn sandbox_net(st: &PodSandboxStatusResponse) -> SandboxNet {
     let status = st.status.as_ref();
     let host_network = status
@@ -216,14 +230,15 @@ pub fn sandbox_net(st: &PodSandboxStatusResponse) -> SandboxNet {
             .filter(|p| !p.is_empty())
             .map(PathBuf::from)
     });
-    let from_pid = info
+    let pid = info
         .as_ref()
         .and_then(|i| i.get("pid")?.as_u64())
         .filter(|&p| p > 0)
-        .map(|p| PathBuf::from(format!("/proc/{p}/ns/net")));
+        .and_then(|p| u32::try_from(p).ok());
     SandboxNet {
         host_network,
-        netns: from_spec.or(from_pid),
+        netns: from_spec,
+        pid,
         ipv6,
     }
 }
@@ -279,11 +294,10 @@ mod tests {
         let n = sandbox_net(&status(containerd, 0, &["10.0.0.5", "fd00::5"]));
         assert_eq!(n.netns, Some(PathBuf::from("/var/run/netns/cni-1234")));
         assert!(n.ipv6 && !n.host_network);
+        assert_eq!(n.pid, Some(42));
         let old = r#"{"pid": 42}"#;
-        assert_eq!(
-            sandbox_net(&status(old, 0, &["10.0.0.5"])).netns,
-            Some(PathBuf::from("/proc/42/ns/net"))
-        );
+        let n = sandbox_net(&status(old, 0, &["10.0.0.5"]));
+        assert_eq!((n.netns, n.pid), (None, Some(42)));
         assert!(!sandbox_net(&status(old, 0, &["10.0.0.5"])).ipv6);
         let host = sandbox_net(&status("{}", api::NamespaceMode::Node as i32, &[]));
         assert!(host.host_network && host.netns.is_none());

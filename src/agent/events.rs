@@ -1,14 +1,19 @@
 //! The agent's end of the plugin's events: a unix stream socket in a host directory only root
 //! can reach, one event per connection, counted into the metrics. Anything else that arrives —
 //! garbage, an oversized or endless stream, a flood of connections — is counted as rejected and
-//! never blocks or stops the agent; a socket file removed or replaced is put back.
+//! never blocks or stops the agent; a socket file removed or replaced is put back. One agent
+//! owns the socket (see [`Owner`]).
 
 use super::Shared;
+use super::health::Worker;
 use super::log;
 use super::metrics::{Command, Invocation, Kind};
 use crate::events::MAX_EVENT;
+use nix::fcntl::{Flock, FlockArg};
 use serde_json::{Value, json};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +25,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections handled at once; more wait in the backlog.
 const MAX_CONCURRENT: usize = 256;
 
-/// Binds the socket at `path`: its directory made (0700) if missing, a stale socket or a file
-/// in its place removed, the socket itself 0600.
+/// Binds the socket at `path` (the caller owns it): its directory made (0700) if missing, a
+/// stale socket or a file in its place removed, the socket itself 0600.
 pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     if let Some(dir) = path.parent()
         && !dir.exists()
@@ -113,73 +118,181 @@ async fn one(st: Arc<Shared>, mut s: tokio::net::UnixStream) {
     }
 }
 
-/// Serves the socket until the process ends; puts it back if its file disappears or is
-/// replaced.
-pub fn serve(st: Arc<Shared>, path: PathBuf, first: std::os::unix::net::UnixListener) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            log(
-                "error",
-                "event socket: no async runtime",
-                json!({"error": e.to_string()}),
-            );
-            return;
+/// The lock beside the socket: `<socket>.lock`.
+pub fn lock_path(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// The event socket, owned by exactly one agent on the node: the one holding an exclusive
+/// `flock` on the lock file beside it (held for the process's life, released by the kernel when
+/// the process dies). Without it, two agents (a surge rollout, a second DaemonSet, a debug run)
+/// take turns unlinking and rebinding each other's socket, and each counts part of the events.
+/// An agent that finds the lock held waits for it, doing everything else meanwhile.
+pub struct Owner {
+    path: PathBuf,
+    /// `None` only while it moves from waiting to held.
+    lock: Option<Lock>,
+}
+
+enum Lock {
+    /// Never read: holding it is the point (the kernel releases it when the process dies).
+    #[allow(dead_code)]
+    Held(Flock<File>),
+    Waiting(File),
+}
+
+fn try_lock(f: File) -> io::Result<Lock> {
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Lock::Held(l)),
+        Err((f, nix::errno::Errno::EWOULDBLOCK)) => Ok(Lock::Waiting(f)),
+        Err((_, e)) => Err(e.into()),
+    }
+}
+
+impl Owner {
+    /// Opens (creating) the lock file, its directory made 0700 if missing, and tries the lock.
+    pub fn new(path: &Path) -> io::Result<Owner> {
+        if let Some(dir) = path.parent()
+            && !dir.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
-    };
-    rt.block_on(async move {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
-        let mut std_listener = Some(first);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(lock_path(path))?;
+        Ok(Owner {
+            path: path.to_path_buf(),
+            lock: Some(try_lock(f)?),
+        })
+    }
+
+    pub fn held(&self) -> bool {
+        matches!(self.lock, Some(Lock::Held(_)))
+    }
+
+    /// Tries the lock again if waiting.
+    fn retry(&mut self) -> io::Result<()> {
+        self.lock = match self.lock.take() {
+            Some(Lock::Waiting(f)) => Some(try_lock(f)?),
+            other => other,
+        };
+        Ok(())
+    }
+
+    /// Serves the socket until the process ends (waiting for the lock first if another agent
+    /// holds it); puts the socket back if its file disappears or is replaced.
+    pub fn serve(mut self, st: Arc<Shared>) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                log(
+                    "error",
+                    "event socket: no async runtime",
+                    json!({"error": e.to_string()}),
+                );
+                return;
+            }
+        };
+        let mut said = false;
         loop {
-            let listener = match std_listener.take().map(UnixListener::from_std) {
-                Some(Ok(l)) => l,
-                _ => match bind(&path).and_then(UnixListener::from_std) {
-                    Ok(l) => {
-                        log("info", "event socket bound again", json!({"path": path}));
-                        l
+            st.health.beat(Worker::Events);
+            if let Err(e) = self.retry() {
+                log(
+                    "error",
+                    "event socket: cannot take its lock",
+                    json!({"path": self.path, "error": e.to_string()}),
+                );
+                return;
+            }
+            if self.held() {
+                break;
+            }
+            if !said {
+                log(
+                    "warn",
+                    "another agent owns the event socket: waiting for it to exit (until then the \
+                     plugin's events are counted by that agent)",
+                    json!({"path": self.path, "lock": lock_path(&self.path)}),
+                );
+                said = true;
+            }
+            st.metrics.event_socket_owned.set(0);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if said {
+            log(
+                "info",
+                "event socket taken over",
+                json!({"path": self.path}),
+            );
+        }
+        st.metrics.event_socket_owned.set(1);
+        let path = self.path.clone();
+        rt.block_on(serve_owned(st, path));
+        // The lock lives as long as the loop above, i.e. the process.
+        drop(self);
+    }
+}
+
+async fn serve_owned(st: Arc<Shared>, path: PathBuf) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let listener = match bind(&path).and_then(UnixListener::from_std) {
+            Ok(l) => l,
+            Err(e) => {
+                log(
+                    "error",
+                    "cannot bind the event socket (retrying)",
+                    json!({"path": path, "error": e.to_string()}),
+                );
+                st.health.beat(Worker::Events);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        let ino = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
+        let mut check = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                conn = listener.accept() => match conn {
+                    Ok((s, _)) => {
+                        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            one(st, s).await;
+                            drop(permit);
+                        });
                     }
-                    Err(e) => {
-                        log(
-                            "error",
-                            "cannot bind the event socket (retrying)",
-                            json!({"path": path, "error": e.to_string()}),
-                        );
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        continue;
-                    }
+                    // Out of fds: back off rather than spin.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 },
-            };
-            let ino = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
-            let mut check = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tokio::select! {
-                    conn = listener.accept() => match conn {
-                        Ok((s, _)) => {
-                            let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                            let st = st.clone();
-                            tokio::spawn(async move {
-                                one(st, s).await;
-                                drop(permit);
-                            });
-                        }
-                        // Out of fds: back off rather than spin.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    },
-                    _ = check.tick() => {
-                        let now = std::fs::symlink_metadata(&path)
-                            .ok()
-                            .filter(|m| m.file_type().is_socket())
-                            .map(|m| m.ino());
-                        if now.is_none() || now != ino {
-                            log("warn", "event socket was removed or replaced: binding it again", json!({"path": path}));
-                            break;
-                        }
+                _ = check.tick() => {
+                    st.health.beat(Worker::Events);
+                    let now = std::fs::symlink_metadata(&path)
+                        .ok()
+                        .filter(|m| m.file_type().is_socket())
+                        .map(|m| m.ino());
+                    if now.is_none() || now != ino {
+                        // We own the socket (the lock says so): whoever replaced it is not an
+                        // agent, and the plugin must reach us.
+                        log("warn", "event socket was removed or replaced: binding it again", json!({"path": path}));
+                        break;
                     }
                 }
             }
         }
-    });
+    }
 }

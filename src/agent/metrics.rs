@@ -28,7 +28,7 @@ pub struct Command {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct State {
-    /// captured, repaired, skipped, invalid_annotation, failed.
+    /// captured, repaired, skipped, invalid_annotation, failed, defended.
     pub state: String,
 }
 
@@ -63,18 +63,36 @@ pub struct Metrics {
     pub flapping: Gauge,
     pub binary_current: Gauge,
     pub ready: Gauge,
+    pub http_rejected: Family<Listener, Counter>,
+    pub event_socket_owned: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Listener {
+    /// probes, metrics.
+    pub listener: String,
 }
 
 /// The pod states a pass reports (each always present, 0 when none).
-pub const POD_STATES: [&str; 5] = [
+pub const POD_STATES: [&str; 6] = [
     "captured",
     "repaired",
     "skipped",
     "invalid_annotation",
     "failed",
+    "defended",
 ];
 
 impl Metrics {
+    /// Counts a connection a listener closed unserved.
+    pub fn http_rejected(&self, listener: &str) {
+        self.http_rejected
+            .get_or_create(&Listener {
+                listener: listener.into(),
+            })
+            .inc();
+    }
+
     /// The metrics and the registry that serves them.
     pub fn new() -> (Metrics, Registry) {
         let mut r = Registry::with_prefix("mesh_redirect");
@@ -96,6 +114,8 @@ impl Metrics {
             flapping: Gauge::default(),
             binary_current: Gauge::default(),
             ready: Gauge::default(),
+            http_rejected: Family::default(),
+            event_socket_owned: Gauge::default(),
         };
         r.register(
             "plugin_invocations",
@@ -163,6 +183,16 @@ impl Metrics {
             m.ready.clone(),
         );
         r.register(
+            "http_connections_rejected",
+            "HTTP connections closed unserved because the listener already served its limit",
+            m.http_rejected.clone(),
+        );
+        r.register(
+            "event_socket_owned",
+            "1 while this agent owns the event socket (another agent holding it: 0, waiting)",
+            m.event_socket_owned.clone(),
+        );
+        r.register(
             "build",
             "Build of the running agent",
             Info::new(vec![
@@ -196,6 +226,11 @@ impl Metrics {
         }
         for kind in ["malformed", "oversized", "incomplete"] {
             let _ = m.events_rejected.get_or_create(&Kind { kind: kind.into() });
+        }
+        for listener in ["probes", "metrics"] {
+            let _ = m.http_rejected.get_or_create(&Listener {
+                listener: listener.into(),
+            });
         }
         for kind in ["missing", "differs"] {
             let _ = m.drift.get_or_create(&Kind { kind: kind.into() });

@@ -10,19 +10,24 @@
 
 pub mod cri;
 pub mod events;
+pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod readiness;
 pub mod reconcile;
+pub mod sandbox_netns;
 
 use crate::args::{self, CliError, Spec};
 use crate::install;
-use metrics::{Kind, Metrics, POD_STATES, Result_, State};
+use health::{Health, Worker};
+use metrics::Metrics;
 use prometheus_client::registry::Registry;
+use readiness::Readiness;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str =
@@ -35,8 +40,8 @@ pub const USAGE: &str =
     runtime's primary network config and keeps it there; then, through the CRI, checks every
     ready pod sandbox on the node every --reconcile-period seconds (default 5; 0: never) and
     installs the capture table in place where a meshed pod lacks it or has a different one.
-    Serves /readyz and /healthz on --readiness-addr and /metrics on --metrics-addr (each
-    address serves all three). Counts the plugin's invocations from events on --event-socket
+    Serves /readyz and /healthz on --readiness-addr (keep it on loopback: the readiness body
+    names pods) and only /metrics on --metrics-addr (the two must differ). Counts the plugin's invocations from events on --event-socket
     (default /run/mesh-redirect/events.sock; written into the chained entry). On
     SIGTERM/SIGINT removes the entry and the binary unless --keep-on-exit. --cri-socket
     defaults to the first of /run/containerd/containerd.sock, /run/crio/crio.sock,
@@ -118,8 +123,19 @@ impl Options {
                 "--event-socket is longer than a unix socket path may be".into(),
             ));
         }
+        let install = install::Options::from_parsed(&f)?;
+        let metrics_addr = f.parsed("--metrics-addr", "HOST:PORT", |a| {
+            a.parse::<SocketAddr>().ok()
+        })?;
+        if metrics_addr.is_some() && metrics_addr == install.readiness_addr {
+            return Err(CliError::Usage(
+                "--metrics-addr must differ from --readiness-addr: the metrics address serves \
+                 /metrics only (pods can reach it), the readiness address /readyz and /healthz"
+                    .into(),
+            ));
+        }
         Ok(Options {
-            install: install::Options::from_parsed(&f)?,
+            install,
             cri_socket: f
                 .get("--cri-socket")
                 .map(|p| abs("--cri-socket", p))
@@ -131,9 +147,7 @@ impl Options {
                         .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 86400.0)
                 })?
                 .map_or(PERIOD, Duration::from_secs_f64),
-            metrics_addr: f.parsed("--metrics-addr", "HOST:PORT", |a| {
-                a.parse::<SocketAddr>().ok()
-            })?,
+            metrics_addr,
             event_socket,
             netns_dir: abs(
                 "--netns-dir",
@@ -145,29 +159,15 @@ impl Options {
 
 /// One JSON log line on stderr.
 pub(crate) fn log(level: &str, msg: &str, extra: Value) {
-    let mut line = json!({"ts": crate::log::rfc3339(std::time::SystemTime::now()), "level": level,
-        "component": "agent", "msg": msg});
-    if let (Some(l), Value::Object(e)) = (line.as_object_mut(), extra) {
-        l.extend(e);
-    }
-    eprintln!("{line}");
-}
-
-/// Where reconciling stands, for readiness.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Reconcile {
-    Off,
-    /// No full pass yet (or the last failed): why.
-    NotYet(String),
-    Done,
+    crate::log::line(crate::log::Component::Agent, level, msg, extra);
 }
 
 /// What the threads share.
 pub struct Shared {
     pub metrics: Metrics,
     pub registry: Registry,
-    install: Mutex<Option<install::Status>>,
-    reconcile: Mutex<Reconcile>,
+    pub readiness: Readiness,
+    pub health: Health,
 }
 
 impl Shared {
@@ -176,36 +176,14 @@ impl Shared {
         Shared {
             metrics,
             registry,
-            install: Mutex::new(None),
-            reconcile: Mutex::new(if reconciling {
-                Reconcile::NotYet("no reconcile pass yet".into())
-            } else {
-                Reconcile::Off
-            }),
+            readiness: Readiness::new(reconciling),
+            health: Health::new(),
         }
     }
 
-    /// Ready: chained, the binary current, and (when reconciling) a full pass done since the
-    /// chain is in place, the runtime reachable at the last one.
-    pub fn ready(&self) -> Result<(), String> {
-        let install = self.install.lock().map(|g| g.clone()).unwrap_or(None);
-        match install {
-            None => return Err("starting".into()),
-            Some(s) => s.ready?,
-        }
-        match self.reconcile.lock().map(|g| g.clone()) {
-            Ok(Reconcile::Off | Reconcile::Done) => Ok(()),
-            Ok(Reconcile::NotYet(why)) => Err(why),
-            Err(_) => Err("internal state poisoned".into()),
-        }
-    }
-
-    fn chained(&self) -> bool {
-        self.install
-            .lock()
-            .ok()
-            .and_then(|g| g.as_ref().map(|s| s.ready.is_ok()))
-            .unwrap_or(false)
+    /// The `ready` gauge follows readiness.
+    pub fn refresh_ready(&self) {
+        self.metrics.ready.set(self.readiness.is_ready() as i64);
     }
 
     fn set_install(&self, s: &install::Status) {
@@ -218,66 +196,46 @@ impl Shared {
         if s.rechains > seen {
             m.rechains.inc_by(s.rechains - seen);
         }
-        if let Ok(mut g) = self.install.lock() {
-            *g = Some(s.clone());
-        }
-        m.ready.set(self.ready().is_ok() as i64);
-    }
-
-    fn set_reconcile(&self, r: Reconcile) {
-        if let Ok(mut g) = self.reconcile.lock() {
-            *g = r;
-        }
-        self.metrics.ready.set(self.ready().is_ok() as i64);
-    }
-
-    fn record_pass(&self, p: &reconcile::Pass) {
-        let m = &self.metrics;
-        for (state, n) in POD_STATES
-            .iter()
-            .zip([p.captured, p.repaired, p.skipped, p.invalid, p.failed])
-        {
-            m.pods
-                .get_or_create(&State {
-                    state: state.to_string(),
-                })
-                .set(n as i64);
-        }
-        let kind = |k: &str| Kind { kind: k.into() };
-        m.drift
-            .get_or_create(&kind("missing"))
-            .inc_by(p.missing as u64);
-        m.drift
-            .get_or_create(&kind("differs"))
-            .inc_by(p.differing as u64);
-        let res = |r: &str| Result_ { result: r.into() };
-        m.repairs
-            .get_or_create(&res("ok"))
-            .inc_by(p.repaired as u64);
-        m.repairs
-            .get_or_create(&res("failed"))
-            .inc_by(p.repair_failures as u64);
-        m.passes.get_or_create(&res("ok")).inc();
-        m.pass_duration.observe(p.duration.as_secs_f64());
+        self.readiness.set_chain(s.ready.clone());
+        self.refresh_ready();
     }
 }
 
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot find my own binary: {0}")]
+    OwnBinary(std::io::Error),
+    #[error("the plugin binary {0} is not beside the agent")]
+    NoPlugin(PathBuf),
+    #[error("block signals: {0}")]
+    Signals(nix::Error),
+    #[error("{0}")]
+    PluginConfig(String),
+    #[error("listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("event socket {0}: {1}")]
+    EventSocket(PathBuf, std::io::Error),
+    #[error("cannot start the {0} thread: {1}")]
+    Thread(&'static str, std::io::Error),
+    #[error("{0}")]
+    Install(String),
+}
+
 /// The plugin binary this agent installs: `mesh-redirect` beside it.
-fn plugin_binary() -> Result<PathBuf, String> {
-    let me = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+fn plugin_binary() -> Result<PathBuf, AgentError> {
+    let me = std::env::current_exe().map_err(AgentError::OwnBinary)?;
     let p = me.with_file_name(crate::install::files::BINARY);
     if p.exists() {
         Ok(p)
     } else {
-        Err(format!(
-            "the plugin binary {} is not beside the agent",
-            p.display()
-        ))
+        Err(AgentError::NoPlugin(p))
     }
 }
 
 /// `mesh-redirect-agent install …`: runs until SIGTERM/SIGINT.
 pub fn main(args: Vec<String>) -> ExitCode {
+    health::exit_on_panic();
     let usage = |m: &str| {
         eprintln!("mesh-redirect-agent: {m}\n\n{USAGE}");
         ExitCode::from(2)
@@ -288,7 +246,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
                 Ok(o) => match run(o) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
-                        log("error", "agent failed", json!({"error": e}));
+                        log("error", "agent failed", json!({"error": e.to_string()}));
                         ExitCode::FAILURE
                     }
                 },
@@ -307,18 +265,30 @@ pub fn main(args: Vec<String>) -> ExitCode {
     }
 }
 
-fn run(opts: Options) -> Result<(), String> {
+/// How long the installer's loop (which wakes at least every 30 s) may go without a beat.
+const INSTALLER_STALL: Duration = Duration::from_secs(90);
+/// The event loop ticks every 2 s.
+const EVENTS_STALL: Duration = Duration::from_secs(30);
+
+fn spawn(name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), AgentError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|e| AgentError::Thread(name, e))
+}
+
+fn run(opts: Options) -> Result<(), AgentError> {
     let started = Instant::now();
     // Blocked before any thread starts, so every thread inherits it and only the installer's
     // signalfd takes SIGTERM/SIGINT.
     let mut mask = nix::sys::signal::SigSet::empty();
     mask.add(nix::sys::signal::Signal::SIGTERM);
     mask.add(nix::sys::signal::Signal::SIGINT);
-    mask.thread_block()
-        .map_err(|e| format!("block signals: {e}"))?;
+    mask.thread_block().map_err(AgentError::Signals)?;
     let plugin = plugin_binary()?;
     // The plugin sends its events where the agent listens: the entry says so.
-    let mut entry = opts.install.entry()?;
+    let mut entry = opts.install.entry().map_err(AgentError::PluginConfig)?;
     if let Some(m) = entry.as_object_mut() {
         m.insert(
             "eventSocket".into(),
@@ -329,27 +299,17 @@ fn run(opts: Options) -> Result<(), String> {
         .as_object()
         .map(crate::config::PluginConfig::from_conf)
         .transpose()
-        .map_err(|e| format!("plugin config: {}", e.msg))?
+        .map_err(|e| AgentError::PluginConfig(format!("plugin config: {}", e.msg)))?
         .unwrap_or_default();
 
     let reconciling = !opts.reconcile_period.is_zero();
     let shared = Arc::new(Shared::new(reconciling));
     // Listeners first: a port in use fails the start.
-    let mut listeners = Vec::new();
-    for a in [opts.install.readiness_addr, opts.metrics_addr]
-        .into_iter()
-        .flatten()
-    {
-        if listeners
-            .iter()
-            .any(|l: &std::net::TcpListener| l.local_addr().ok() == Some(a))
-        {
-            continue;
-        }
-        listeners.push(std::net::TcpListener::bind(a).map_err(|e| format!("listen on {a}: {e}"))?);
-    }
-    let events = events::bind(&opts.event_socket)
-        .map_err(|e| format!("event socket {}: {e}", opts.event_socket.display()))?;
+    let bind = |a: SocketAddr| std::net::TcpListener::bind(a).map_err(|e| AgentError::Listen(a, e));
+    let probes = opts.install.readiness_addr.map(bind).transpose()?;
+    let metrics = opts.metrics_addr.map(bind).transpose()?;
+    let events = events::Owner::new(&opts.event_socket)
+        .map_err(|e| AgentError::EventSocket(opts.event_socket.clone(), e))?;
     log(
         "info",
         "starting",
@@ -357,112 +317,41 @@ fn run(opts: Options) -> Result<(), String> {
             "events": opts.event_socket, "criSocket": opts.cri_socket,
             "reconcilePeriodSeconds": opts.reconcile_period.as_secs_f64(), "mesh": cfg.mesh.name()}),
     );
-    if !listeners.is_empty() {
+    shared.health.watch(Worker::Installer, INSTALLER_STALL);
+    shared.health.watch(Worker::Events, EVENTS_STALL);
+    if probes.is_some() || metrics.is_some() {
         let st = shared.clone();
-        std::thread::Builder::new()
-            .name("http".into())
-            .spawn(move || {
-                if let Err(e) = http::serve(st, listeners) {
-                    log(
-                        "error",
-                        "HTTP server stopped",
-                        json!({"error": e.to_string()}),
-                    );
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        spawn("http", move || {
+            if let Err(e) = http::serve(st, probes, metrics) {
+                log(
+                    "error",
+                    "HTTP server stopped",
+                    json!({"error": e.to_string()}),
+                );
+            }
+        })?;
     }
     {
         let st = shared.clone();
-        let path = opts.event_socket.clone();
-        std::thread::Builder::new()
-            .name("events".into())
-            .spawn(move || events::serve(st, path, events))
-            .map_err(|e| e.to_string())?;
+        spawn("events", move || events.serve(st))?;
     }
     if reconciling {
         let st = shared.clone();
         let period = opts.reconcile_period;
+        st.health
+            .watch(Worker::Reconcile, reconcile::stall_limit(period));
         let r = reconcile::Reconciler::new(
             cfg,
             opts.cri_socket.clone(),
             opts.netns_dir.clone(),
             started,
         );
-        std::thread::Builder::new()
-            .name("reconcile".into())
-            .spawn(move || reconcile_loop(st, r, period, started))
-            .map_err(|e| e.to_string())?;
+        spawn("reconcile", move || reconcile::run(st, r, period, started))?;
     }
     let st = shared.clone();
     install::run(opts.install.clone(), plugin, entry, move |s| {
+        st.health.beat(Worker::Installer);
         st.set_install(s)
     })
-}
-
-/// Passes every `period` once the chain is in place (so that every pod starting meanwhile goes
-/// through the plugin), for as long as the process lives.
-fn reconcile_loop(
-    st: Arc<Shared>,
-    mut r: reconcile::Reconciler,
-    period: Duration,
-    started: Instant,
-) {
-    let mut last_error: Option<String> = None;
-    let mut first = true;
-    loop {
-        if !st.chained() {
-            st.set_reconcile(Reconcile::NotYet(
-                "waiting for the chain to be in place before reconciling".into(),
-            ));
-            std::thread::sleep(Duration::from_millis(200));
-            continue;
-        }
-        match r.pass() {
-            Ok(p) => {
-                st.record_pass(&p);
-                if first || p.repaired > 0 || last_error.is_some() {
-                    log(
-                        "info",
-                        "reconcile pass",
-                        json!({"captured": p.captured, "repaired": p.repaired, "skipped": p.skipped,
-                            "invalidAnnotation": p.invalid, "failed": p.failed,
-                            "durationMs": p.duration.as_secs_f64() * 1e3,
-                            "sinceStartMs": started.elapsed().as_millis() as u64}),
-                    );
-                }
-                first = false;
-                last_error = None;
-                // Not ready while a pod that must be captured is known not to be: the
-                // operator sees the node, the pods and the reason in the probe's body.
-                st.set_reconcile(if p.uncaptured.is_empty() {
-                    Reconcile::Done
-                } else {
-                    Reconcile::NotYet(format!(
-                        "{} meshed pod(s) not captured: {}",
-                        p.uncaptured.len(),
-                        p.uncaptured.join("; ")
-                    ))
-                });
-            }
-            Err(e) => {
-                st.metrics
-                    .passes
-                    .get_or_create(&Result_ {
-                        result: "failed".into(),
-                    })
-                    .inc();
-                if last_error.as_ref() != Some(&e) {
-                    log(
-                        "error",
-                        "cannot reconcile: the container runtime is not reachable (retrying)",
-                        json!({"error": e}),
-                    );
-                }
-                st.set_reconcile(Reconcile::NotYet(format!("cannot reconcile: {e}")));
-                last_error = Some(e);
-            }
-        }
-        std::thread::sleep(period);
-    }
+    .map_err(AgentError::Install)
 }

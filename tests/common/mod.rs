@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cnichain;
+pub mod memcg;
 pub mod twin;
 
 use cnichain::{Attachment, PluginError, Runtime};
@@ -652,4 +653,46 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The release binaries, as the image ships them (`cargo build --release --bins`; a no-op
+/// when they are current): the directory that holds them. Tests of what the manifest's limits
+/// allow run these, not the debug builds.
+pub fn release_bins() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--release", "--bins", "--quiet"])
+        .status()
+        .expect("cargo build --release");
+    assert!(st.success(), "cargo build --release --bins failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("release")
+}
+
+/// The value of one series in Prometheus text (labels in any order).
+pub fn sample(text: &str, series: &str) -> f64 {
+    let (name, labels) = match series.split_once('{') {
+        Some((n, l)) => (n, l.trim_end_matches('}')),
+        None => (series, ""),
+    };
+    let want: Vec<&str> = labels.split(',').filter(|s| !s.is_empty()).collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (s, v) = l.rsplit_once(' ')?;
+            let (n, ls) = match s.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (s, ""),
+            };
+            let have: Vec<&str> = ls.split(',').filter(|s| !s.is_empty()).collect();
+            (n == name && want.len() == have.len() && want.iter().all(|w| have.contains(w)))
+                .then(|| v.parse().ok())
+                .flatten()
+        })
+        .next()
+        .unwrap_or(0.0)
 }

@@ -19,10 +19,7 @@ pub struct Image {
 /// Containerfile as shipped, tagged `tag` (the manifest's `image:`, as the runtime spells it).
 pub fn build(node: &Node, tag: &str) -> Image {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo)
-        .current_dir(root)
-        .args(["build", "--release", "--bins", "--quiet"]));
+    crate::common::release_bins();
     let _cache = BlobCache::note();
     let dir = node.dir("image-build");
     std::fs::create_dir_all(&dir).expect("image build dir");

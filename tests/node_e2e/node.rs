@@ -327,8 +327,29 @@ disabled_plugins = [
         std::fs::write(self.dir("config.toml"), config).expect("write containerd config");
     }
 
-    fn start_containerd(&mut self) {
-        let log = std::fs::File::create(self.dir("containerd.log")).expect("containerd log");
+    /// Kills containerd (SIGKILL: no clean shutdown) and starts it again on the same state,
+    /// as a runtime crash and restart does on a node; the pods' shims and netns stay.
+    pub fn restart_containerd(&mut self) {
+        if let Some(mut c) = self.containerd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.start_containerd();
+    }
+
+    /// `StopPodSandbox` only (the runtime's CNI DEL runs, the sandbox stays listed NOTREADY).
+    pub fn stop_pod(&self, sb: &Sandbox) {
+        self.cri
+            .stop_pod_sandbox(&sb.id)
+            .unwrap_or_else(|e| panic!("StopPodSandbox {}: {e}", sb.name));
+    }
+
+    pub fn start_containerd(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir("containerd.log"))
+            .expect("containerd log");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.ns.path()))
             .arg("--")
@@ -500,6 +521,13 @@ disabled_plugins = [
 
     /// `mesh-redirect install` as the DaemonSet runs it (host network: the node namespace).
     pub fn start_installer(&mut self) {
+        let socket = self.socket();
+        self.start_installer_with(&socket, &[]);
+    }
+
+    /// The same, talking CRI at `cri_socket` (a proxy in front of containerd) with `extra`
+    /// flags.
+    pub fn start_installer_with(&mut self, cri_socket: &Path, extra: &[&str]) {
         assert!(self.installer.is_none(), "an installer is already running");
         let cfg = self.dir("plugin.json");
         std::fs::write(
@@ -524,10 +552,11 @@ disabled_plugins = [
             .arg(format!("--readiness-addr=127.0.0.1:{READY_PORT}"))
             // The agent reconciles through this node's containerd, often (a test's patience).
             .arg("--cri-socket")
-            .arg(self.socket())
+            .arg(cri_socket)
             .args(["--reconcile-period", "1", "--event-socket"])
             .arg(self.dir("events.sock"))
             .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
+            .args(extra)
             // As deploy/daemonset.yaml runs it: a rollout leaves the chain in place.
             .env("MESH_REDIRECT_KEEP_ON_EXIT", "true")
             .stdin(Stdio::null())
@@ -543,6 +572,19 @@ disabled_plugins = [
 
     pub fn installer(&self) -> &Installer {
         self.installer.as_ref().expect("installer running")
+    }
+
+    /// The agent's pid (`nsenter` execs it).
+    pub fn installer_pid(&self) -> u32 {
+        self.installer().child.id()
+    }
+
+    /// SIGKILL to the agent: a crash, an OOM kill.
+    pub fn kill_installer(&mut self) {
+        if let Some(mut inst) = self.installer.take() {
+            let _ = inst.child.kill();
+            let _ = inst.child.wait();
+        }
     }
 
     /// SIGTERM to the installer, as the kubelet stops a DaemonSet pod in a rollout.
