@@ -8,6 +8,7 @@
 //! plugin's policy, ruleset and kernel code do the work (`crate::pod`); nothing here is
 //! `unsafe`.
 
+pub mod bypass;
 pub mod cri;
 pub mod events;
 pub mod http;
@@ -299,6 +300,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
                 }
             }
         }
+        Some((cmd, rest)) if cmd == "check-bypass" => bypass::main(rest),
         Some((cmd, _)) if cmd == "help" || cmd == "--help" || cmd == "-h" => {
             println!("{USAGE}");
             ExitCode::SUCCESS
