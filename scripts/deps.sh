@@ -15,6 +15,8 @@ pkgs=(
   protobuf-compiler                        # build: k8s-cri generates the CRI client from its .proto
   prometheus                               # tests: a real Prometheus scrapes the agent; promtool
   buildah                                  # tests: the image, from deploy/Containerfile, no daemon
+  clang bpftool libbpf-dev                 # tests: connect-time LB as cgroup/connect BPF programs
+                                           # (tests/bypass.rs; bpf_helpers.h is libbpf-dev's)
 )
 if [ "${MESH_REDIRECT_DEPS_EXTRA:-}" != "" ]; then
   # shellcheck disable=SC2206

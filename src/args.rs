@@ -9,7 +9,8 @@ pub enum CliError {
     Failed(String),
 }
 
-/// One flag a command takes.
+/// One flag a command takes: its one declaration, from which parsing and the usage text
+/// both come.
 #[derive(Debug, Clone, Copy)]
 pub struct Spec {
     pub flag: &'static str,
@@ -17,6 +18,82 @@ pub struct Spec {
     pub env: &'static str,
     /// Takes no value on the command line (`--keep-binary`); from the env, `true`/`1` turn it on.
     pub switch: bool,
+    /// What the value looks like in the usage text (`DIR`, `HOST:PORT`; empty for a switch).
+    pub arg: &'static str,
+    /// What it does, for the usage text.
+    pub help: &'static str,
+}
+
+impl Spec {
+    /// A flag that takes a value.
+    pub const fn value(
+        flag: &'static str,
+        env: &'static str,
+        arg: &'static str,
+        help: &'static str,
+    ) -> Spec {
+        Spec {
+            flag,
+            env,
+            switch: false,
+            arg,
+            help,
+        }
+    }
+
+    /// A flag that takes none.
+    pub const fn switch(flag: &'static str, env: &'static str, help: &'static str) -> Spec {
+        Spec {
+            flag,
+            env,
+            switch: true,
+            arg: "",
+            help,
+        }
+    }
+}
+
+/// The usage lines for `specs`: each flag, its value, what it does and its variable.
+pub fn usage(specs: &[Spec]) -> String {
+    let mut out = String::new();
+    for s in specs {
+        let head = if s.switch {
+            s.flag.to_string()
+        } else {
+            format!("{} {}", s.flag, s.arg)
+        };
+        out.push_str(&format!("  {head}\n"));
+        let mut help = s.help.to_string();
+        if !s.env.is_empty() {
+            help.push_str(&format!(
+                " (env {}{})",
+                s.env,
+                if s.switch { "=true" } else { "" }
+            ));
+        }
+        out.push_str(&wrap(&help, 6, 96));
+    }
+    out
+}
+
+/// `text` wrapped at `width` columns, each line indented by `indent` spaces.
+fn wrap(text: &str, indent: usize, width: usize) -> String {
+    let pad = " ".repeat(indent);
+    let (mut out, mut line) = (String::new(), String::new());
+    for w in text.split_whitespace() {
+        if !line.is_empty() && indent + line.len() + 1 + w.len() > width {
+            out.push_str(&format!("{pad}{line}\n"));
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(w);
+    }
+    if !line.is_empty() {
+        out.push_str(&format!("{pad}{line}\n"));
+    }
+    out
 }
 
 /// Where a flag's environment variable is read (normally `std::env::var`).
@@ -118,17 +195,17 @@ mod tests {
     use super::*;
 
     const SPECS: &[Spec] = &[
-        Spec {
-            flag: "--dir",
-            env: "X_DIR",
-            switch: false,
-        },
-        Spec {
-            flag: "--keep",
-            env: "X_KEEP",
-            switch: true,
-        },
+        Spec::value("--dir", "X_DIR", "DIR", "a directory"),
+        Spec::switch("--keep", "X_KEEP", "keep it"),
     ];
+
+    #[test]
+    fn usage_comes_from_the_declarations() {
+        assert_eq!(
+            usage(SPECS),
+            "  --dir DIR\n      a directory (env X_DIR)\n  --keep\n      keep it (env X_KEEP=true)\n"
+        );
+    }
 
     fn args(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()

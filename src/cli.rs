@@ -1,4 +1,4 @@
-//! The command-line face: `plan`, `version`, `install`, `uninstall`.
+//! The command-line face: `plan`, `version`, `install`, `uninstall`, `check-bypass`.
 
 use crate::args::{self, CliError, Spec};
 use crate::config::{self, Annotations, PluginConfig};
@@ -20,9 +20,29 @@ As a command:
       --namespace    the pod's namespace (for excludeNamespaces)
 ";
 
+/// `check-bypass`'s usage; here, not in the agent's code, so the plugin's help shows it too.
+pub const CHECK_BYPASS_USAGE: &str =
+    "  mesh-redirect check-bypass [--target IP:PORT] [--netns PATH] [--timeout SECONDS]
+      Detect connect-time load balancing that bypasses capture (Cilium's socket-LB, Calico
+      eBPF's connect-time LB: cgroup/connect BPF programs that rewrite a pod's connect() to a
+      service into a backend address before any packet exists). Connects to the service with
+      every TCP connection of its own socket redirected to its own listener, and reads the
+      original destination the capture hook saw. Runs in the node agent (this execs
+      `mesh-redirect-agent check-bypass`), as root. --target defaults to
+      KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT. Probes from a scratch network namespace
+      it creates and removes, or with --netns from that namespace (a pod's), where it adds
+      table inet mesh_redirect_probe, matching only its own socket, for the probe's duration.
+      --timeout: how long the connection has to arrive (default 2). Prints the target, what
+      was seen, the verdict, and the fixes when rewritten. Exit 0: not rewritten, 1: rewritten,
+      2: usage, 3: inconclusive (the connection never arrived), 4: the probe failed.";
+
+/// `check-bypass`'s exit code when the probe could not run (0: not rewritten, 1: rewritten,
+/// 2: usage, 3: inconclusive).
+pub const CHECK_BYPASS_FAILED: u8 = 4;
+
 fn usage() -> String {
     format!(
-        "{USAGE_HEAD}{}\n  mesh-redirect version\n  mesh-redirect help",
+        "{USAGE_HEAD}{}\n{CHECK_BYPASS_USAGE}\n  mesh-redirect version\n  mesh-redirect help",
         crate::install::USAGE
     )
 }
@@ -38,6 +58,17 @@ pub fn main(args: Vec<String>) -> ExitCode {
         // The node agent is its own binary (it links a CRI client, an async runtime and an
         // HTTP server the exec'd plugin must not carry): `install` hands over to it.
         "install" => return report(exec_agent(args.clone())),
+        // The probe is the agent's too (the plugin links none of it). Exit 1 means "rewritten"
+        // there, so a failure to hand over must not look like one.
+        "check-bypass" => {
+            return match exec_agent(args.clone()) {
+                Err(CliError::Failed(m) | CliError::Usage(m)) => {
+                    eprintln!("mesh-redirect: {m}");
+                    ExitCode::from(CHECK_BYPASS_FAILED)
+                }
+                Ok(()) => ExitCode::SUCCESS,
+            };
+        }
         "uninstall" => crate::install::Options::parse(rest, |k| std::env::var(k).ok())
             .and_then(|o| crate::install::cleanup(&o).map_err(CliError::Failed)),
         "version" | "--version" | "-V" => {
@@ -68,8 +99,9 @@ fn exec_agent(args: Vec<String>) -> Result<(), CliError> {
     let agent = me.with_file_name(AGENT);
     if !agent.exists() {
         return Err(CliError::Failed(format!(
-            "`install` runs the node agent, {}, which is not beside {} (the image ships both; \
+            "`{}` runs the node agent, {}, which is not beside {} (the image ships both; \
              from the source tree: cargo build --bins)",
+            args.first().map_or("", String::as_str),
             agent.display(),
             me.display()
         )));
@@ -143,21 +175,24 @@ fn annotations(v: Value) -> Result<Annotations, CliError> {
 
 fn plan(args: &[String]) -> Result<(), CliError> {
     const SPECS: &[Spec] = &[
-        Spec {
-            flag: "--config",
-            env: "",
-            switch: false,
-        },
-        Spec {
-            flag: "--annotations",
-            env: "",
-            switch: false,
-        },
-        Spec {
-            flag: "--namespace",
-            env: "",
-            switch: false,
-        },
+        Spec::value(
+            "--config",
+            "",
+            "FILE",
+            "the mesh-redirect conflist entry (or a whole conflist) as JSON",
+        ),
+        Spec::value(
+            "--annotations",
+            "",
+            "FILE",
+            "the pod's annotations: a JSON object, or a pod from `kubectl get -o json`",
+        ),
+        Spec::value(
+            "--namespace",
+            "",
+            "NS",
+            "the pod's namespace (for excludeNamespaces)",
+        ),
     ];
     let f = args::parse(args, SPECS, |_| None)?;
     let conf = plugin_entry(read_json(

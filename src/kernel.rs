@@ -447,22 +447,22 @@ enum Replace {
     Replace,
 }
 
-fn replace_batch(rs: &Ruleset, how: Replace) -> Built {
-    let table = Table::new(cstring(TABLE), FAMILY);
+fn replace_batch(rs: &Ruleset, how: Replace, name: &str) -> Built {
+    let table = Table::new(cstring(name), FAMILY);
     let mut batch = Batch::new();
     let mut what = Vec::new();
     match how {
         Replace::Create => {
             batch.add(&Exclusive(&table), MsgType::Add);
-            what.push(format!("table inet {TABLE} (create)"));
+            what.push(format!("table inet {name} (create)"));
         }
         Replace::Replace => {
             batch.add(&table, MsgType::Add);
-            what.push(format!("table inet {TABLE} (make sure it exists)"));
+            what.push(format!("table inet {name} (make sure it exists)"));
             batch.add(&table, MsgType::Del);
-            what.push(format!("table inet {TABLE} (delete the old one)"));
+            what.push(format!("table inet {name} (delete the old one)"));
             batch.add(&table, MsgType::Add);
-            what.push(format!("table inet {TABLE}"));
+            what.push(format!("table inet {name}"));
         }
     }
     let ids = set_ids(rs);
@@ -502,16 +502,16 @@ fn replace_batch(rs: &Ruleset, how: Replace) -> Built {
     }
 }
 
-fn delete_batch() -> Built {
-    let table = Table::new(cstring(TABLE), FAMILY);
+fn delete_batch(name: &str) -> Built {
+    let table = Table::new(cstring(name), FAMILY);
     let mut batch = Batch::new();
     batch.add(&table, MsgType::Add);
     batch.add(&table, MsgType::Del);
     Built {
         batch: batch.finalize(),
         what: vec![
-            format!("table inet {TABLE} (make sure it exists)"),
-            format!("table inet {TABLE} (delete)"),
+            format!("table inet {name} (make sure it exists)"),
+            format!("table inet {name} (delete)"),
         ],
     }
 }
@@ -564,6 +564,9 @@ impl Drift {
 pub struct Kernel {
     sock: nftnl_ext::Socket,
     routing: Option<RoutingSocket>,
+    /// The table this socket manages: `mesh_redirect`, or another tool's of its own (the
+    /// bypass probe's), so that neither can touch the other's.
+    table: &'static str,
 }
 
 struct RoutingSocket {
@@ -595,9 +598,15 @@ fn rtnl_objects(rs: &Ruleset, ipv6: bool) -> (Routing, Vec<Obj>) {
 impl Kernel {
     /// Opens the netfilter socket in the calling thread's current network namespace.
     pub fn open() -> Result<Kernel, KernelError> {
+        Kernel::open_table(TABLE)
+    }
+
+    /// Like [`Kernel::open`], for table `inet NAME` instead of `inet mesh_redirect`.
+    pub fn open_table(name: &'static str) -> Result<Kernel, KernelError> {
         Ok(Kernel {
             sock: nftnl_ext::Socket::open().map_err(KernelError::Socket)?,
             routing: None,
+            table: name,
         })
     }
 
@@ -688,13 +697,19 @@ impl Kernel {
     /// create fails as a whole and the replace runs instead.
     fn install(&mut self, rs: &Ruleset) -> Result<(), KernelError> {
         if !self.table_exists()? {
-            match self.send(&replace_batch(rs, Replace::Create)) {
+            match self.create(rs) {
                 Err(KernelError::Refused { err, .. })
                     if err.raw_os_error() == Some(libc::EEXIST) => {}
                 other => return other,
             }
         }
-        self.send(&replace_batch(rs, Replace::Replace))
+        self.send(&replace_batch(rs, Replace::Replace, self.table))
+    }
+
+    /// Creates the table with `rs` in it, exclusively: refused with `EEXIST` (and nothing
+    /// changed) when the table is already there. No routing.
+    pub fn create(&mut self, rs: &Ruleset) -> Result<(), KernelError> {
+        self.send(&replace_batch(rs, Replace::Create, self.table))
     }
 
     /// Deletes the table if it exists, `routing`'s objects, and `::6` on `lo` if it carries
@@ -706,7 +721,7 @@ impl Kernel {
     pub fn delete(&mut self, routing: Option<&Routing>) -> Result<bool, KernelError> {
         let existed = self.table_exists()?;
         if existed {
-            self.send(&delete_batch())?;
+            self.send(&delete_batch(self.table))?;
         }
         if self.routing.is_some() {
             let rs = self.routing_socket()?;
@@ -734,29 +749,30 @@ impl Kernel {
     }
 
     pub fn table_exists(&mut self) -> Result<bool, KernelError> {
-        Ok(self.sock.table_exists(FAMILY as u16, TABLE)?)
+        Ok(self.sock.table_exists(FAMILY as u16, self.table)?)
     }
 
     /// Compares the kernel's table with `rs`: what differs (nothing: identical).
     pub fn diff(&mut self, rs: &Ruleset) -> Result<Drift, KernelError> {
         let fam = FAMILY as u16;
-        let Some(flags) = self.sock.table_flags(fam, TABLE)? else {
+        let table = self.table;
+        let Some(flags) = self.sock.table_flags(fam, table)? else {
             return Ok(Drift {
                 table_flags: None,
-                differences: vec![format!("table inet {TABLE} is missing")],
+                differences: vec![format!("table inet {table} is missing")],
             });
         };
         let mut diffs = Vec::new();
         if flags != 0 {
             // Dormant (`flags dormant`) turns every hook off: nothing is captured.
             diffs.push(format!(
-                "table inet {TABLE} has flags {} (expected none)",
+                "table inet {table} has flags {} (expected none)",
                 table_flag_names(flags)
             ));
         }
         self.diff_chains(rs, &mut diffs)?;
         // Sets.
-        let have_sets = self.sock.sets(fam, TABLE)?;
+        let have_sets = self.sock.sets(fam, table)?;
         for s in &rs.sets {
             let (key, interval, want) = encode_elems(&s.elems);
             let Some(info) = have_sets.iter().find(|h| h.name == s.name) else {
@@ -789,7 +805,7 @@ impl Kernel {
             }
             let have: BTreeSet<Elem> = self
                 .sock
-                .set_elems(fam, TABLE, s.name)?
+                .set_elems(fam, table, s.name)?
                 .into_iter()
                 .collect();
             let want: BTreeSet<Elem> = want.into_iter().collect();
@@ -825,7 +841,7 @@ impl Kernel {
     }
 
     fn diff_chains(&mut self, rs: &Ruleset, diffs: &mut Vec<String>) -> Result<(), KernelError> {
-        let have = self.sock.chains(FAMILY as u16, TABLE)?;
+        let have = self.sock.chains(FAMILY as u16, self.table)?;
         for c in &rs.chains {
             let Some(h) = have.iter().find(|h| h.name == c.name) else {
                 diffs.push(format!("chain {} is missing", c.name));
@@ -879,8 +895,8 @@ impl Kernel {
     }
 
     fn diff_rules(&mut self, rs: &Ruleset, diffs: &mut Vec<String>) -> Result<(), KernelError> {
-        let have = self.sock.rules(FAMILY as u16, TABLE)?;
-        let table = Table::new(cstring(TABLE), FAMILY);
+        let have = self.sock.rules(FAMILY as u16, self.table)?;
+        let table = Table::new(cstring(self.table), FAMILY);
         let ids = set_ids(rs);
         for c in &rs.chains {
             let chain = make_chain(&table, c);

@@ -10,10 +10,13 @@
 //!
 //! marked with our address protocol so that DEL removes it only if we added it. Messages are
 //! built and parsed here byte by byte: no `unsafe`, no `ip` binary.
+//!
+//! Also the few additions the bypass probe needs to make its scratch namespace routable (`lo`
+//! up, an address, default routes: `Rtnl::link_up` and after).
 
 use crate::nftnl_ext::MsgBuf;
 use std::io;
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -23,6 +26,7 @@ const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
 
+const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
 const RTM_GETADDR: u16 = 22;
@@ -42,10 +46,15 @@ const FRA_FWMARK: u16 = 10;
 const FRA_TABLE: u16 = 15;
 const FRA_FWMASK: u16 = 16;
 
+const IFF_UP: u32 = 1;
+
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_TABLE: u16 = 15;
+const RTN_UNICAST: u8 = 1;
 const RTN_LOCAL: u8 = 2;
+const RT_TABLE_MAIN: u8 = 254;
+const RT_SCOPE_LINK: u8 = 253;
 const RT_SCOPE_HOST: u8 = 254;
 const RTPROT_STATIC: u8 = 4;
 
@@ -133,6 +142,15 @@ fn message(ty: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
     m.extend_from_slice(&0u32.to_ne_bytes());
     m.extend_from_slice(body);
     m
+}
+
+/// `struct ifinfomsg { family, pad, u16 type, i32 index, u32 flags, u32 change }`.
+fn ifinfomsg(index: u32, flags: u32, change: u32) -> Vec<u8> {
+    let mut b = vec![0u8; 4];
+    b.extend_from_slice(&index.to_ne_bytes());
+    b.extend_from_slice(&flags.to_ne_bytes());
+    b.extend_from_slice(&change.to_ne_bytes());
+    b
 }
 
 fn family(v6: bool) -> u8 {
@@ -278,6 +296,84 @@ impl Rtnl {
                 }
             }
         }
+    }
+
+    /// One request that must be ACKed without error.
+    fn must(&mut self, ty: u16, flags: u16, body: &[u8]) -> io::Result<()> {
+        self.seq += 1;
+        match self.request(message(ty, flags | NLM_F_ACK, self.seq, body))? {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// `lo`'s index in this namespace.
+    pub fn lo(&self) -> u32 {
+        self.lo
+    }
+
+    /// `ip link set dev INDEX up`.
+    pub fn link_up(&mut self, index: u32) -> io::Result<()> {
+        self.must(RTM_NEWLINK, 0, &ifinfomsg(index, IFF_UP, IFF_UP))
+    }
+
+    /// `ip addr add ADDR/PREFIX dev INDEX nodad` (no duplicate detection; for when IPv6 can
+    /// use it, see `is_local`).
+    pub fn add_addr(&mut self, index: u32, addr: IpAddr, prefix: u8) -> io::Result<()> {
+        let (fam, bytes) = match addr {
+            IpAddr::V4(a) => (AF_INET, a.octets().to_vec()),
+            IpAddr::V6(a) => (AF_INET6, a.octets().to_vec()),
+        };
+        let mut b = vec![fam, prefix, IFA_F_NODAD, 0];
+        b.extend_from_slice(&index.to_ne_bytes());
+        attr(&mut b, IFA_LOCAL, &bytes);
+        attr(&mut b, IFA_ADDRESS, &bytes);
+        self.must(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, &b)
+    }
+
+    /// Whether the kernel delivers `addr` locally: its local route is in. IPv6 adds that
+    /// route for a new address (`nodad` or not) from a work queue, a moment after the address;
+    /// until then a reply to it is routed away (here: lost, retransmitted a second later).
+    pub fn is_local(&mut self, addr: IpAddr) -> io::Result<bool> {
+        let (v6, bytes) = match addr {
+            IpAddr::V4(a) => (false, a.octets().to_vec()),
+            IpAddr::V6(a) => (true, a.octets().to_vec()),
+        };
+        let full = (bytes.len() * 8) as u8;
+        Ok(self
+            .dump(
+                RTM_GETROUTE,
+                vec![family(v6), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            )?
+            .iter()
+            .any(|b| {
+                b.len() >= 12
+                    && b[1] == full
+                    && b[7] == RTN_LOCAL
+                    && attrs(&b[12..])
+                        .iter()
+                        .any(|(t, d)| *t == RTA_DST && **d == bytes[..])
+            }))
+    }
+
+    /// `ip [-6] route add default dev INDEX` (on-link: no gateway) in the main table.
+    pub fn add_default_route(&mut self, index: u32, v6: bool) -> io::Result<()> {
+        let mut b = vec![
+            family(v6),
+            0,
+            0,
+            0,
+            RT_TABLE_MAIN,
+            RTPROT_STATIC,
+            RT_SCOPE_LINK,
+            RTN_UNICAST,
+            0,
+            0,
+            0,
+            0,
+        ];
+        attr(&mut b, RTA_OIF, &index.to_ne_bytes());
+        self.must(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &b)
     }
 
     /// Adds `o`; `Ok(false)` when it was already there.

@@ -6,176 +6,15 @@
 
 mod common;
 
+use common::agent::*;
 use common::memcg;
 use common::*;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const AGENT: &str = env!("CARGO_BIN_EXE_mesh-redirect-agent");
-const PROBE_PORT: u16 = 15700;
-const METRICS_PORT: u16 = 15701;
-
-struct Agent {
-    child: Child,
-    /// The namespace its ports live in (owned unless borrowed from another agent).
-    netns: String,
-    ns_name: String,
-    _ns: Option<Netns>,
-    _tmp: TempDir,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-/// How a test starts its agent.
-#[derive(Default)]
-struct Start<'a> {
-    /// Another agent's dirs and namespace to share (its event socket, its network).
-    beside: Option<&'a Agent>,
-    args: &'a [&'a str],
-    env: &'a [(&'a str, &'a str)],
-    /// Run inside this memory cgroup (as the kubelet runs the container).
-    memcg: Option<&'a memcg::MemCgroup>,
-    /// Do not wait for the metrics and the socket.
-    no_wait: bool,
-    /// Run the release build (what the image ships) instead of the debug one.
-    release: bool,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        Agent::with(Start::default())
-    }
-
-    fn with(o: Start) -> Agent {
-        require_root();
-        let tmp = TempDir::new();
-        for d in ["bin", "net.d"] {
-            std::fs::create_dir_all(tmp.path().join(d)).unwrap();
-        }
-        std::fs::write(
-            tmp.path().join("net.d/10-bridge.conflist"),
-            r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"}]}"#,
-        )
-        .unwrap();
-        let (ns, ns_name, socket) = match o.beside {
-            Some(a) => (None, a.ns_name.clone(), a.socket.clone()),
-            None => {
-                let ns = Netns::new("mrt-agent-");
-                ns.exec(&["ip", "link", "set", "lo", "up"]);
-                let name = ns.name.clone();
-                (Some(ns), name, tmp.path().join("run/events.sock"))
-            }
-        };
-        // A second agent beside another shares its namespace: other ports.
-        let off = if o.beside.is_some() { 10 } else { 0 };
-        let log = tmp.path().join("agent.log");
-        let agent = if o.release {
-            release_bins().join("mesh-redirect-agent")
-        } else {
-            PathBuf::from(AGENT)
-        };
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(r#"[ -z "$MRT_PROCS" ] || echo $$ > "$MRT_PROCS"; exec "$@""#)
-            .arg("sh")
-            .args(["ip", "netns", "exec", &ns_name])
-            .arg(&agent)
-            .arg("install")
-            .arg("--cni-bin-dir")
-            .arg(tmp.path().join("bin"))
-            .arg("--cni-conf-dir")
-            .arg(tmp.path().join("net.d"))
-            .args(["--reconcile-period", "0"])
-            .args([
-                "--readiness-addr",
-                &format!("127.0.0.1:{}", PROBE_PORT + off),
-            ])
-            .args([
-                "--metrics-addr",
-                &format!("127.0.0.1:{}", METRICS_PORT + off),
-            ])
-            .arg("--event-socket")
-            .arg(&socket)
-            .args(o.args)
-            .env("MRT_PROCS", o.memcg.map(|c| c.procs()).unwrap_or_default())
-            .envs(o.env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = cmd.spawn().expect("start the agent");
-        let a = Agent {
-            child,
-            netns: format!("/run/netns/{ns_name}"),
-            ns_name,
-            _ns: ns,
-            _tmp: tmp,
-            socket,
-            log,
-        };
-        let t = Instant::now();
-        while !o.no_wait && (a.metrics_at(METRICS_PORT + off).is_none() || !a.socket.exists()) {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "agent did not start:\n{}",
-                a.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        a
-    }
-
-    fn metrics_at(&self, port: u16) -> Option<String> {
-        http_get_in(&self.netns, port, "/metrics")
-            .filter(|(c, _)| *c == 200)
-            .map(|(_, b)| b)
-    }
-
-    fn get(&self, port: u16, path: &str) -> Option<(u16, String)> {
-        http_get_in(&self.netns, port, path)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn metrics(&self) -> Option<String> {
-        self.metrics_at(METRICS_PORT)
-    }
-
-    /// A sample's value (0 when absent), `name{labels}` written as in the text format.
-    fn value(&self, series: &str) -> f64 {
-        let text = self.metrics().unwrap_or_default();
-        sample(&text, series)
-    }
-
-    /// Waits until `series` reaches `want`.
-    fn wait_value(&self, series: &str, want: f64) {
-        let t = Instant::now();
-        loop {
-            let v = self.value(series);
-            if v == want {
-                return;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "{series} = {v}, want {want}\n{}",
-                self.metrics().unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // `sh` execs `ip`, which execs the agent: the child's pid is the agent's.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The plugin's ADD for a pod in a fresh netns, with the events going to `socket`.
 fn add(ns: &Netns, socket: &Path, annotations: Value) -> (bool, Value) {
@@ -459,7 +298,7 @@ fn slow_flood(netns: &str, port: u16, n: usize, chunk: usize, dur: Duration) -> 
 fn a_flood_of_slow_connections_cannot_kill_the_agent() {
     let cg = memcg::MemCgroup::new(&unique("mrt-agent-mem-"), 64 << 20);
     let mut a = Agent::with(Start {
-        memcg: Some(&cg),
+        procs: Some(cg.procs()),
         release: true,
         ..Start::default()
     });

@@ -75,6 +75,11 @@ impl Health {
         self.limits[Self::index(w)].store(limit.as_millis().max(1) as u64, Ordering::Relaxed);
     }
 
+    /// Stops watching `w` (a worker with nothing to do has ended).
+    pub fn unwatch(&self, w: Worker) {
+        self.limits[Self::index(w)].store(0, Ordering::Relaxed);
+    }
+
     pub fn beat(&self, w: Worker) {
         #[cfg(debug_assertions)]
         test_panic(w);

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub ready: Gauge,
     pub http_rejected: Family<Listener, Counter>,
     pub event_socket_owned: Gauge,
+    pub capture_bypass: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,6 +117,7 @@ impl Metrics {
             ready: Gauge::default(),
             http_rejected: Family::default(),
             event_socket_owned: Gauge::default(),
+            capture_bypass: Gauge::default(),
         };
         r.register(
             "plugin_invocations",
@@ -191,6 +193,11 @@ impl Metrics {
             "event_socket_owned",
             "1 while this agent owns the event socket (another agent holding it: 0, waiting)",
             m.event_socket_owned.clone(),
+        );
+        r.register(
+            "capture_bypass",
+            "1 while connects to the cluster's service address are rewritten before capture sees them (connect-time load balancing)",
+            m.capture_bypass.clone(),
         );
         r.register(
             "build",

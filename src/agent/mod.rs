@@ -8,16 +8,18 @@
 //! plugin's policy, ruleset and kernel code do the work (`crate::pod`); nothing here is
 //! `unsafe`.
 
+pub mod bypass;
 pub mod cri;
 pub mod events;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod options;
 pub mod readiness;
 pub mod reconcile;
 pub mod sandbox_netns;
 
-use crate::args::{self, CliError, Spec};
+use crate::args::CliError;
 use crate::install;
 use health::{Health, Worker};
 use metrics::Metrics;
@@ -30,132 +32,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const USAGE: &str =
-    "mesh-redirect-agent install --cni-bin-dir DIR --cni-conf-dir DIR [--conf-name FILE]
-                        [--plugin-config FILE] [--readiness-addr HOST:PORT] [--keep-binary]
-                        [--keep-on-exit] [--cri-socket PATH] [--reconcile-period SECONDS]
-                        [--metrics-addr HOST:PORT] [--event-socket PATH] [--netns-dir DIR]
-    (also as `mesh-redirect install …`, which runs this)
-    Installs the plugin beside this binary into the CNI bin dir, chains it last into the
-    runtime's primary network config and keeps it there; then, through the CRI, checks every
-    ready pod sandbox on the node every --reconcile-period seconds (default 5; 0: never) and
-    installs the capture table in place where a meshed pod lacks it or has a different one.
-    Serves /readyz and /healthz on --readiness-addr (keep it on loopback: the readiness body
-    names pods) and only /metrics on --metrics-addr (the two must differ). Counts the plugin's invocations from events on --event-socket
-    (default /run/mesh-redirect/events.sock; written into the chained entry). On
-    SIGTERM/SIGINT removes the entry and the binary unless --keep-on-exit. --cri-socket
-    defaults to the first of /run/containerd/containerd.sock, /run/crio/crio.sock,
-    /var/run/cri-dockerd.sock that exists. A pod's netns is the path the runtime reports; where
-    that path is not visible (the agent in a container), the file of the same name in
-    --netns-dir (default /var/run/netns, the host's dir mounted there). Every flag has its variable: MESH_REDIRECT_CNI_BIN_DIR,
-    MESH_REDIRECT_CNI_CONF_DIR, MESH_REDIRECT_CONF_NAME, MESH_REDIRECT_PLUGIN_CONFIG,
-    MESH_REDIRECT_READINESS_ADDR, MESH_REDIRECT_KEEP_BINARY=true, MESH_REDIRECT_KEEP_ON_EXIT=true,
-    MESH_REDIRECT_CRI_SOCKET, MESH_REDIRECT_RECONCILE_PERIOD, MESH_REDIRECT_METRICS_ADDR,
-    MESH_REDIRECT_EVENT_SOCKET, MESH_REDIRECT_NETNS_DIR.";
-
-const AGENT_SPECS: [Spec; 5] = [
-    Spec {
-        flag: "--cri-socket",
-        env: "MESH_REDIRECT_CRI_SOCKET",
-        switch: false,
-    },
-    Spec {
-        flag: "--reconcile-period",
-        env: "MESH_REDIRECT_RECONCILE_PERIOD",
-        switch: false,
-    },
-    Spec {
-        flag: "--metrics-addr",
-        env: "MESH_REDIRECT_METRICS_ADDR",
-        switch: false,
-    },
-    Spec {
-        flag: "--event-socket",
-        env: "MESH_REDIRECT_EVENT_SOCKET",
-        switch: false,
-    },
-    Spec {
-        flag: "--netns-dir",
-        env: "MESH_REDIRECT_NETNS_DIR",
-        switch: false,
-    },
-];
-
-/// Where the runtimes bind-mount pods' netns files (containerd and CRI-O by default).
-pub const NETNS_DIR: &str = "/var/run/netns";
-
-/// Default reconcile period.
-pub const PERIOD: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Options {
-    pub install: install::Options,
-    pub cri_socket: Option<PathBuf>,
-    /// Zero: no reconciling (chaining only).
-    pub reconcile_period: Duration,
-    pub metrics_addr: Option<SocketAddr>,
-    pub event_socket: PathBuf,
-    /// Where to look for a netns file the runtime reports at a path not visible here.
-    pub netns_dir: PathBuf,
-}
-
-impl Options {
-    pub fn parse(
-        args: &[String],
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Options, CliError> {
-        let specs: Vec<Spec> = install::SPECS.iter().chain(&AGENT_SPECS).copied().collect();
-        let f = args::parse(args, &specs, env)?;
-        let abs = |flag: &str, p: String| -> Result<PathBuf, CliError> {
-            if p.starts_with('/') {
-                Ok(PathBuf::from(p))
-            } else {
-                Err(CliError::Usage(format!("{flag} must be an absolute path")))
-            }
-        };
-        let event_socket = abs(
-            "--event-socket",
-            f.get("--event-socket")
-                .unwrap_or_else(|| crate::events::DEFAULT_SOCKET.into()),
-        )?;
-        if event_socket.as_os_str().len() >= 108 {
-            return Err(CliError::Usage(
-                "--event-socket is longer than a unix socket path may be".into(),
-            ));
-        }
-        let install = install::Options::from_parsed(&f)?;
-        let metrics_addr = f.parsed("--metrics-addr", "HOST:PORT", |a| {
-            a.parse::<SocketAddr>().ok()
-        })?;
-        if metrics_addr.is_some() && metrics_addr == install.readiness_addr {
-            return Err(CliError::Usage(
-                "--metrics-addr must differ from --readiness-addr: the metrics address serves \
-                 /metrics only (pods can reach it), the readiness address /readyz and /healthz"
-                    .into(),
-            ));
-        }
-        Ok(Options {
-            install,
-            cri_socket: f
-                .get("--cri-socket")
-                .map(|p| abs("--cri-socket", p))
-                .transpose()?,
-            reconcile_period: f
-                .parsed("--reconcile-period", "a number of seconds", |v| {
-                    v.parse::<f64>()
-                        .ok()
-                        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 86400.0)
-                })?
-                .map_or(PERIOD, Duration::from_secs_f64),
-            metrics_addr,
-            event_socket,
-            netns_dir: abs(
-                "--netns-dir",
-                f.get("--netns-dir").unwrap_or_else(|| NETNS_DIR.into()),
-            )?,
-        })
-    }
-}
+pub use options::{NETNS_DIR, Options, PERIOD};
 
 /// One JSON log line on stderr.
 pub(crate) fn log(level: &str, msg: &str, extra: Value) {
@@ -237,7 +114,7 @@ fn plugin_binary() -> Result<PathBuf, AgentError> {
 pub fn main(args: Vec<String>) -> ExitCode {
     health::exit_on_panic();
     let usage = |m: &str| {
-        eprintln!("mesh-redirect-agent: {m}\n\n{USAGE}");
+        eprintln!("mesh-redirect-agent: {m}\n\n{}", options::usage());
         ExitCode::from(2)
     };
     match args.split_first() {
@@ -257,11 +134,12 @@ pub fn main(args: Vec<String>) -> ExitCode {
                 }
             }
         }
+        Some((cmd, rest)) if cmd == "check-bypass" => bypass::main(rest),
         Some((cmd, _)) if cmd == "help" || cmd == "--help" || cmd == "-h" => {
-            println!("{USAGE}");
+            println!("{}", options::usage());
             ExitCode::SUCCESS
         }
-        _ => usage("expected `install`"),
+        _ => usage("expected `install`, `check-bypass` or `help`"),
     }
 }
 
@@ -334,6 +212,25 @@ fn run(opts: Options) -> Result<(), AgentError> {
     {
         let st = shared.clone();
         spawn("events", move || events.serve(st))?;
+    }
+    if let Some(period) = opts.bypass_period {
+        let target = match bypass::target_from_env(|k| std::env::var(k).ok()) {
+            Ok(t) => t,
+            Err(e) => {
+                log(
+                    "warn",
+                    "the capture-bypass check cannot run: the service address in the environment is not usable",
+                    json!({"error": e.to_string()}),
+                );
+                None
+            }
+        };
+        let st = shared.clone();
+        st.health.watch(
+            Worker::Bypass,
+            period + bypass::TIMEOUT + Duration::from_secs(60),
+        );
+        spawn("bypass", move || bypass::watch(st, target, period))?;
     }
     if reconciling {
         let st = shared.clone();

@@ -40,50 +40,60 @@ pub struct Options {
     pub keep_on_exit: bool,
 }
 
-pub const USAGE: &str =
-    "  mesh-redirect install --cni-bin-dir DIR --cni-conf-dir DIR [--conf-name FILE]
-                        [--plugin-config FILE] [--readiness-addr HOST:PORT] [--keep-binary]
-                        [--keep-on-exit] [--cri-socket PATH] [--reconcile-period SECONDS]
-                        [--metrics-addr HOST:PORT] [--event-socket PATH] [--netns-dir DIR]
+/// The plugin binary's summary of `install` and `uninstall` (the agent's `help` lists every
+/// flag, from the same declarations).
+pub const USAGE: &str = "  mesh-redirect install --cni-bin-dir DIR --cni-conf-dir DIR [FLAGS]
       The node agent (this execs `mesh-redirect-agent install`, beside this binary): copy the
       plugin into DIR, chain it last into the primary network config, keep it there, repair
-      meshed pods that lack their table (through the runtime's CRI socket, every
-      --reconcile-period seconds), serve /readyz, /healthz and /metrics, and undo the chain on
-      SIGTERM/SIGINT (unless --keep-on-exit: then leave it all in place, so a rollout has no
-      window in which new pods go uncaptured). `mesh-redirect-agent help` says more. Flags
-      also come from the env: MESH_REDIRECT_CNI_BIN_DIR, MESH_REDIRECT_CNI_CONF_DIR,
-      MESH_REDIRECT_CONF_NAME, MESH_REDIRECT_PLUGIN_CONFIG, MESH_REDIRECT_READINESS_ADDR,
-      MESH_REDIRECT_KEEP_BINARY=true, MESH_REDIRECT_KEEP_ON_EXIT=true,
-      MESH_REDIRECT_CRI_SOCKET, MESH_REDIRECT_RECONCILE_PERIOD, MESH_REDIRECT_METRICS_ADDR,
-      MESH_REDIRECT_EVENT_SOCKET, MESH_REDIRECT_NETNS_DIR.
+      meshed pods that lack their table, serve /readyz, /healthz and /metrics, and undo the
+      chain on SIGTERM/SIGINT unless --keep-on-exit. `mesh-redirect-agent help` lists every
+      flag and its environment variable.
   mesh-redirect uninstall --cni-bin-dir DIR --cni-conf-dir DIR [--keep-binary]
       Remove the chain entry (restoring the original files) and the binary, once.";
 
-const fn value(flag: &'static str, env: &'static str) -> Spec {
-    Spec {
-        flag,
-        env,
-        switch: false,
-    }
-}
-
-const fn switch(flag: &'static str, env: &'static str) -> Spec {
-    Spec {
-        flag,
-        env,
-        switch: true,
-    }
-}
-
 /// The flags `install` and `uninstall` take (the agent adds its own).
 pub const SPECS: &[Spec] = &[
-    value("--cni-bin-dir", "MESH_REDIRECT_CNI_BIN_DIR"),
-    value("--cni-conf-dir", "MESH_REDIRECT_CNI_CONF_DIR"),
-    value("--conf-name", "MESH_REDIRECT_CONF_NAME"),
-    value("--plugin-config", "MESH_REDIRECT_PLUGIN_CONFIG"),
-    value("--readiness-addr", "MESH_REDIRECT_READINESS_ADDR"),
-    switch("--keep-binary", "MESH_REDIRECT_KEEP_BINARY"),
-    switch("--keep-on-exit", "MESH_REDIRECT_KEEP_ON_EXIT"),
+    Spec::value(
+        "--cni-bin-dir",
+        "MESH_REDIRECT_CNI_BIN_DIR",
+        "DIR",
+        "the node's CNI bin dir (as mounted): the plugin and its libraries go there",
+    ),
+    Spec::value(
+        "--cni-conf-dir",
+        "MESH_REDIRECT_CNI_CONF_DIR",
+        "DIR",
+        "the node's CNI conf dir (as mounted): the entry is chained into the runtime's first file",
+    ),
+    Spec::value(
+        "--conf-name",
+        "MESH_REDIRECT_CONF_NAME",
+        "FILE",
+        "chain into this file instead of the runtime's first one",
+    ),
+    Spec::value(
+        "--plugin-config",
+        "MESH_REDIRECT_PLUGIN_CONFIG",
+        "FILE",
+        "the mesh-redirect entry as JSON (type and the annotations capability are forced)",
+    ),
+    Spec::value(
+        "--readiness-addr",
+        "MESH_REDIRECT_READINESS_ADDR",
+        "HOST:PORT",
+        "serve /readyz and /healthz here (keep it on loopback: the readiness body names pods)",
+    ),
+    Spec::switch(
+        "--keep-binary",
+        "MESH_REDIRECT_KEEP_BINARY",
+        "leave the plugin binary in place on exit or uninstall",
+    ),
+    Spec::switch(
+        "--keep-on-exit",
+        "MESH_REDIRECT_KEEP_ON_EXIT",
+        "on SIGTERM/SIGINT leave the entry and the binary in place (a rollout has no window \
+         in which new pods go uncaptured)",
+    ),
 ];
 
 impl Options {

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod cnichain;
 pub mod memcg;
 pub mod twin;

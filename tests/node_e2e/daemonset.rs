@@ -450,6 +450,21 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
         });
     assert!(root_ro, "the root filesystem is read-only");
     r.ok("in force in the agent's process: CapEff = NET_ADMIN|SYS_ADMIN only, NoNewPrivs 1, seccomp filter, uid 0, read-only root");
+    let log = rollout[0].log.clone();
+    crate::node::wait_for(
+        20,
+        "the capture-bypass probe to run in the container",
+        || {
+            log_messages(&log)
+                .iter()
+                .any(|l| l.contains("reach capture unchanged"))
+        },
+    );
+    r.ok(&format!(
+        "the capture-bypass probe runs inside the container with these capabilities and the \
+         kubelet's KUBERNETES_SERVICE_HOST ({}): connects reach capture unchanged",
+        crate::kubelet::SERVICE_HOST
+    ));
 
     r.step("a rollout: the pod stopped (SIGTERM), a pod starts in the gap, the new pod takes over");
     let code = kubelet.delete(&node, &d, &rollout.pop().expect("the pod"));

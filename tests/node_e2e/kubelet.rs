@@ -219,6 +219,10 @@ const READONLY_PATHS: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
+/// The `kubernetes` service's ClusterIP the kubelet tells containers about (never reached: the
+/// agent's bypass probe redirects its own connection to itself).
+pub const SERVICE_HOST: &str = "10.96.0.1";
+
 /// `$(VAR)` expanded from `env` (unknown references stay as written; `$$` escapes), as the
 /// kubelet expands command, args and env values.
 pub fn expand(s: &str, env: &[(String, String)]) -> String {
@@ -374,8 +378,17 @@ impl Kubelet {
             );
         }
         let name = c["name"].as_str().expect("container name").to_string();
-        // env, in order, each value expanded from the ones before (as the kubelet does).
-        let mut env: Vec<(String, String)> = Vec::new();
+        // The kubelet puts the cluster's `kubernetes` service in every container's env (host
+        // network too), then the container's own env, in order, each value expanded from the
+        // ones before.
+        let mut env: Vec<(String, String)> = [
+            ("KUBERNETES_SERVICE_HOST", SERVICE_HOST),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+            ("KUBERNETES_SERVICE_PORT_HTTPS", "443"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         for e in c["env"].as_array().into_iter().flatten() {
             let k = e["name"].as_str().expect("env name").to_string();
             let v = if let Some(v) = e["value"].as_str() {
