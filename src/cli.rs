@@ -217,7 +217,7 @@ fn plan(args: &[String]) -> Result<(), CliError> {
     match policy::decide(&cfg, &pod)
         .map_err(|e| CliError::Failed(format!("{} (CNI code {})", e.msg, e.code)))?
     {
-        Decision::Skip(why) => println!("# not captured: {why}"),
+        Decision::Skip(why) => println!("# not captured ({}): {why}", why.rule()),
         Decision::Capture(p) => print!("{}", nft_text::render(&ruleset::build(&p))),
     }
     Ok(())

@@ -531,6 +531,14 @@ fn table_flag_names(flags: u32) -> String {
     names.join(",")
 }
 
+/// A mesh's own capture rules found in a pod's namespace (its init container's or its CNI
+/// plugin's): the mesh, and what showed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignCapture {
+    pub mesh: &'static str,
+    pub evidence: String,
+}
+
 /// How a namespace's table compares with the plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drift {
@@ -746,6 +754,32 @@ impl Kernel {
             }
         }
         Ok(existed)
+    }
+
+    /// A mesh's own capture rules in this namespace, if any: iptables(-nft) chains of
+    /// istio-iptables (`ISTIO_*`), linkerd2-proxy-init (`PROXY_INIT_*`) or Kuma (`KUMA_MESH_*`),
+    /// or istio-cni's nftables tables (`istio-proxy-*`). Legacy iptables is not visible over
+    /// nftables netlink; the caller checks it separately.
+    pub fn foreign_capture(&mut self) -> Result<Option<ForeignCapture>, KernelError> {
+        for (table, chain) in self.sock.all_chains()? {
+            if table == self.table {
+                continue;
+            }
+            let mesh = if chain.starts_with("ISTIO_") || table.starts_with("istio-proxy") {
+                "istio"
+            } else if chain.starts_with("PROXY_INIT_") {
+                "linkerd"
+            } else if chain.starts_with("KUMA_MESH") {
+                "kuma"
+            } else {
+                continue;
+            };
+            return Ok(Some(ForeignCapture {
+                mesh,
+                evidence: format!("chain {chain} in table {table}"),
+            }));
+        }
+        Ok(None)
     }
 
     pub fn table_exists(&mut self) -> Result<bool, KernelError> {

@@ -835,6 +835,16 @@ impl Socket {
         self.dump_objects(family, table)
     }
 
+    /// Every chain in the namespace, of every family and table: (table, chain).
+    pub fn all_chains(&mut self) -> io::Result<Vec<(String, String)>> {
+        self.dump(
+            |_| {},
+            ChainInfo::GET,
+            libc::NFPROTO_UNSPEC as u16,
+            |msg| ChainInfo::parse(msg).map(|(t, c)| (t, c.name)),
+        )
+    }
+
     pub fn sets(&mut self, family: u16, table: &str) -> io::Result<Vec<SetInfo>> {
         self.dump_objects(family, table)
     }

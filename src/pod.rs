@@ -6,7 +6,7 @@
 use crate::config::PluginConfig;
 use crate::kernel::{Drift, Kernel, KernelError};
 use crate::netns::{Netns, NetnsError};
-use crate::policy::{self, Decision, Pod};
+use crate::policy::{self, Decision, Pod, Skip};
 use crate::protocol::{CniError, code};
 use crate::ruleset::{self, Ruleset};
 use std::path::Path;
@@ -18,7 +18,7 @@ use std::path::Path;
 pub enum PodPlan {
     Capture(Ruleset),
     /// Not captured, and why (a decision, not an error).
-    Skip(String),
+    Skip(Skip),
 }
 
 /// The pod's plan. `Err`: its annotations (or the config) are invalid.

@@ -210,6 +210,7 @@ pub const SET_OUT_INCLUDE_V4: &str = "out_include_v4";
 pub const SET_OUT_INCLUDE_V6: &str = "out_include_v6";
 pub const SET_IN_EXCLUDE_SRC_V4: &str = "in_exclude_src_v4";
 pub const SET_IN_EXCLUDE_SRC_V6: &str = "in_exclude_src_v6";
+pub const SET_REROUTE_IFACES: &str = "reroute_ifaces";
 
 /// The TPROXY mark (Istio's): marks diverted packets and selects routing table 133.
 pub const TPROXY_MARK: u32 = 1337;
@@ -253,7 +254,10 @@ impl Builder {
         if elems.is_empty() {
             return None;
         }
-        self.sets.push(Set { name, elems });
+        // A set two parts of the ruleset look up (the include ranges) is made once.
+        if !self.sets.iter().any(|s| s.name == name) {
+            self.sets.push(Set { name, elems });
+        }
         Some(name)
     }
 
@@ -285,20 +289,32 @@ struct Ifaces {
 
 impl Ifaces {
     fn new(b: &mut Builder, plan: &Plan) -> Ifaces {
-        let (wild, exact): (Vec<&String>, Vec<&String>) = plan
-            .exclude_interfaces
-            .iter()
-            .partition(|n| n.ends_with('+'));
+        Ifaces::of(b, SET_EXCLUDE_IFACES, &plan.exclude_interfaces)
+    }
+
+    fn of(
+        b: &mut Builder,
+        set: &'static str,
+        names: &std::collections::BTreeSet<String>,
+    ) -> Ifaces {
+        let (wild, exact): (Vec<&String>, Vec<&String>) =
+            names.iter().partition(|n| n.ends_with('+'));
         Ifaces {
-            set: b.set(
-                SET_EXCLUDE_IFACES,
-                Elems::Ifnames(exact.into_iter().cloned().collect()),
-            ),
+            set: b.set(set, Elems::Ifnames(exact.into_iter().cloned().collect())),
             prefixes: wild
                 .into_iter()
                 .map(|n| n.trim_end_matches('+').to_string())
                 .collect(),
         }
+    }
+
+    /// One match per interface condition: the set of exact names, then each wildcard.
+    fn inbound_matches(&self) -> Vec<Match> {
+        self.set
+            .map(Match::IifnameIn)
+            .into_iter()
+            .chain(self.prefixes.iter().cloned().map(Match::IifnamePrefix))
+            .collect()
     }
 
     /// The rules returning what arrived on (`inbound`) or leaves on an excluded interface.
@@ -329,18 +345,106 @@ impl Ifaces {
     }
 }
 
+/// Istio's KubeVirt reroute (`tools/istio-iptables/pkg/capture/run.go`): TCP arriving on a
+/// rerouted interface goes to the outbound port when its destination is included (`*`: every
+/// destination; narrowed: the include ranges), and everything else arriving there skips
+/// inbound capture. Returns (the redirects, the returns), in Istio's order.
+fn reroute(b: &mut Builder, plan: &Plan) -> (Vec<Rule>, Vec<Rule>) {
+    if plan.reroute_interfaces.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let ifs = Ifaces::of(b, SET_REROUTE_IFACES, &plan.reroute_interfaces);
+    let families: Vec<Family> = if plan.ipv6 {
+        vec![Family::V4, Family::V6]
+    } else {
+        vec![Family::V4]
+    };
+    let (mut redirects, mut returns) = (Vec::new(), Vec::new());
+    let comment = "arrived on a rerouted interface: to the outbound port";
+    for m in ifs.inbound_matches() {
+        match &plan.include_ranges {
+            OutboundRanges::All => {
+                let mut ms = vec![m.clone()];
+                if !plan.ipv6 {
+                    ms.push(Match::NfProto(Family::V4));
+                }
+                ms.push(tcp());
+                redirects.push(rule(ms, Action::Redirect(plan.outbound_port), comment));
+            }
+            OutboundRanges::Only(c) => {
+                let sets = b.cidrs([SET_OUT_INCLUDE_V4, SET_OUT_INCLUDE_V6], c);
+                for (f, set) in [Family::V4, Family::V6].into_iter().zip(sets) {
+                    if let Some(set) = set.filter(|_| families.contains(&f)) {
+                        redirects.push(rule(
+                            vec![m.clone(), Match::NfProto(f), Match::DaddrIn(f, set), tcp()],
+                            Action::Redirect(plan.outbound_port),
+                            comment,
+                        ));
+                    }
+                }
+            }
+        }
+        returns.push(rule(
+            vec![m],
+            Action::Return,
+            "arrived on a rerouted interface: not inbound",
+        ));
+    }
+    (redirects, returns)
+}
+
 /// Builds the ruleset for `plan`.
 pub fn build(plan: &Plan) -> Ruleset {
     let mut b = Builder { sets: Vec::new() };
     let ifaces = Ifaces::new(&mut b, plan);
+    let (rerouted, not_inbound) = reroute(&mut b, plan);
     let mut chains = Vec::new();
     let routing = match plan.mode {
         Mode::Redirect => {
-            chains.extend(redirect_inbound(&mut b, plan, &ifaces));
+            let mut inbound = redirect_inbound(&mut b, plan, &ifaces);
+            // In front of the inbound jump, in the same nat chain, as Istio inserts them.
+            let mut front = rerouted;
+            front.extend(not_inbound);
+            if !front.is_empty() {
+                match inbound.iter_mut().find(|c| c.name == "prerouting") {
+                    Some(pre) => {
+                        front.append(&mut pre.rules);
+                        pre.rules = front;
+                    }
+                    None => inbound.insert(
+                        0,
+                        base(
+                            "prerouting",
+                            ChainKind::Nat,
+                            HookPoint::Prerouting,
+                            NAT_PRIORITY,
+                            front,
+                        ),
+                    ),
+                }
+            }
+            chains.extend(inbound);
             None
         }
         Mode::Tproxy => {
-            chains.extend(tproxy_chains(&mut b, plan, &ifaces));
+            let mut inbound = tproxy_chains(&mut b, plan, &ifaces);
+            // TPROXY diverts inbound in the mangle chain, which runs first: rerouted
+            // interfaces return there, and are redirected in a nat chain of their own.
+            if let Some(pre) = inbound.iter_mut().find(|c| c.name == "prerouting") {
+                let mut front = not_inbound;
+                front.append(&mut pre.rules);
+                pre.rules = front;
+            }
+            if !rerouted.is_empty() {
+                inbound.push(base(
+                    "reroute",
+                    ChainKind::Nat,
+                    HookPoint::Prerouting,
+                    NAT_PRIORITY,
+                    rerouted,
+                ));
+            }
+            chains.extend(inbound);
             Some(Routing {
                 mark: TPROXY_MARK,
                 table: TPROXY_TABLE,

@@ -1005,3 +1005,75 @@ fn a_version_exchanged_out_by_an_agent_that_died_is_recovered() {
         "the kill never landed between the exchange and its check"
     );
 }
+
+/// Issue 22: a primary CNI that keeps putting back its own file without our entry (Cilium's
+/// `cni.exclusive`, true by default) is named, with the fix, in the log and the /readyz body
+/// within 15 s; another primary is named by its type.
+#[test]
+fn a_primary_that_fights_the_chain_is_named_with_the_fix() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for (file, kind, want) in [
+        ("05-cilium.conflist", "cilium-cni", "cni.exclusive=false"),
+        ("10-kindnet.conflist", "ptp", "(ptp) keeps rewriting"),
+    ] {
+        let node = Node::new();
+        let list = format!(
+            r#"{{"cniVersion":"1.0.0","name":"primary","plugins":[{{"type":"{kind}"}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#
+        );
+        node.write(file, &list, 0o644);
+        let inst = node.start(&[]);
+        inst.wait_ready();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (stop, conf, list) = (stop.clone(), node.conf(), list.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    write_version(&conf, file, &list, Writer::Rename);
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        };
+        let t = Instant::now();
+        wait_for(15, "the fight named in /readyz", || {
+            inst.get("/readyz").is_some_and(|(_, b)| b.contains(want))
+        });
+        println!("{kind}: named after {:.1} s", t.elapsed().as_secs_f64());
+        assert!(inst.log().contains(want), "{}", inst.log());
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+    }
+}
+
+/// Issue 22: another mesh's capture plugin in the chain we join (istio-cni left in place while
+/// migrating) is named in the log and in the /readyz body, without holding the node not
+/// ready (the migration installs ours first, then rolls pods, then removes theirs).
+#[test]
+fn another_meshs_capture_plugin_in_the_chain_is_reported() {
+    let node = Node::new();
+    node.write(
+        "10-calico.conflist",
+        r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"calico"},{"type":"portmap"},{"type":"istio-cni","kubernetes":{"kubeconfig":"/etc/cni/net.d/ZZZ-istio-cni-kubeconfig"}}]}"#,
+        0o644,
+    );
+    let inst = node.start(&[]);
+    inst.wait_ready();
+    let (code, body) = inst.get("/readyz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("warning: istio-cni in the chain too"),
+        "{body}"
+    );
+    assert!(
+        inst.log()
+            .contains("another mesh's capture plugin is in the chain"),
+        "{}",
+        inst.log()
+    );
+    assert_eq!(
+        plugins(&node.json("10-calico.conflist"))
+            .last()
+            .map(String::as_str),
+        Some("mesh-redirect")
+    );
+}

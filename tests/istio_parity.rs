@@ -272,6 +272,8 @@ struct IstioOpts<'a> {
     /// `None`: `*`.
     include_ranges: Option<&'a [&'a str]>,
     exclude_ranges: &'a [&'a str],
+    /// `istio.io/reroute-virtual-interfaces` (KubeVirt).
+    reroute: &'a [&'a str],
 }
 
 impl Default for IstioOpts<'_> {
@@ -284,6 +286,7 @@ impl Default for IstioOpts<'_> {
             include_out_ports: &[],
             include_ranges: None,
             exclude_ranges: &[],
+            reroute: &[],
         }
     }
 }
@@ -353,6 +356,23 @@ fn istio_reference(o: &IstioOpts, v6: bool) -> String {
         Some(list) => {
             for c in list.iter().filter(fam) {
                 r += &format!("-A ISTIO_OUTPUT -d {c} -j ISTIO_REDIRECT\n");
+            }
+        }
+    }
+    // KubeVirt (`shortCircuitKubeInternalInterface`, then `handleOutboundIncludeRules`): each
+    // rerouted interface returns before inbound capture, and its included destinations go
+    // to ISTIO_REDIRECT ahead of that, as in the goldens `kube-virt-interfaces` and
+    // `ipnets-with-kube-virt-interfaces`.
+    for i in o.reroute {
+        r += &format!("-I PREROUTING 1 -i {i} -j RETURN\n");
+    }
+    for i in o.reroute {
+        match o.include_ranges {
+            None => r += &format!("-I PREROUTING 1 -i {i} -j ISTIO_REDIRECT\n"),
+            Some(list) => {
+                for c in list.iter().filter(fam) {
+                    r += &format!("-I PREROUTING 1 -i {i} -d {c} -j ISTIO_REDIRECT\n");
+                }
             }
         }
     }
@@ -453,4 +473,84 @@ fn istio_annotations_behave_as_under_istio_cni() {
         },
     );
     assert_eq!(got[19].1, "app:3306", "not included: {got:?}");
+}
+
+/// Istio's golden `kube-virt-interfaces` (reroute `eth1,eth2`, include `*`) and
+/// `ipnets-with-kube-virt-interfaces` (include narrowed), istio/istio 86c9f01
+/// `tools/istio-iptables/pkg/capture/testdata`: VMs behind the pod on `eth1` and `eth2`
+/// (made after ADD, as KubeVirt makes them), and the pod's own probes, end the same way under
+/// Istio's rules and ours.
+#[test]
+fn kubevirt_goldens_behave_as_under_istio_cni() {
+    use common::twin::{ProxySpec, servers};
+    use common::vm::Vm;
+    let px = ProxySpec {
+        who: PROXY,
+        outbound: 15001,
+        inbound: 15006,
+        dns: None,
+    };
+    for include in [None, Some(&["10.96.0.0/12", "fd88::/64"][..])] {
+        let o = IstioOpts {
+            include_ranges: include,
+            reroute: &["eth1", "eth2"],
+            ..IstioOpts::default()
+        };
+        let mut ann = json!({STATUS: "{}", "istio.io/reroute-virtual-interfaces": "eth1,eth2"});
+        if let Some(list) = include {
+            ann[INCLUDE_RANGES] = json!(list.join(","));
+        }
+        let ours = Pod::with(Some(ann.clone()), json!({})).unwrap_or_else(|e| panic!("ADD: {e}"));
+        let twin = common::twin::unmeshed_pod(true);
+        common::twin::load_reference(
+            &twin,
+            &istio_reference(&o, false),
+            Some(&istio_reference(&o, true)),
+            true,
+        );
+        let vms = |p: &Pod| [Vm::attach(p, "eth1", 1), Vm::attach(p, "eth2", 2)];
+        let (ours_vms, twin_vms) = (vms(&ours), vms(&twin));
+        // The pod's own connections.
+        let probes = istio_probes(&ours);
+        common::twin::compare(&ours, &twin, px, &probes);
+        // The VMs'.
+        let _a = servers(&ours, px);
+        let _b = servers(&twin, px);
+        let mut diffs = Vec::new();
+        let mut seen = Vec::new();
+        for (i, dst) in [
+            hp(GW4, 8080),
+            hp(GW6, 8080),
+            "10.96.0.10:80".to_string(),
+            "203.0.113.9:443".to_string(),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for v in 0..2 {
+                let (a, b) = (ours_vms[v].dial(dst), twin_vms[v].dial(dst));
+                if a != b {
+                    diffs.push(format!("vm {v} -> {dst}: mesh-redirect {a:?}, Istio {b:?}"));
+                }
+                seen.push((i, v, a));
+            }
+        }
+        assert!(diffs.is_empty(), "{ann}:\n  {}", diffs.join("\n  "));
+        let of = |i: usize| {
+            seen.iter()
+                .find(|(j, v, _)| *j == i && *v == 0)
+                .map(|t| t.2.clone())
+        };
+        match include {
+            None => {
+                assert_eq!(of(0), Some(format!("proxy:15001 orig={}", hp(GW4, 8080))));
+                assert_eq!(of(1), Some(format!("proxy:15001 orig={}", hp(GW6, 8080))));
+            }
+            Some(_) => {
+                assert_eq!(of(0), Some("node:8080".into()), "not included: forwarded");
+                assert_eq!(of(1), Some(format!("proxy:15001 orig={}", hp(GW6, 8080))));
+                assert_eq!(of(2), Some("proxy:15001 orig=10.96.0.10:80".into()));
+            }
+        }
+    }
 }

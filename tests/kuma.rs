@@ -3,7 +3,10 @@
 //! 2026-08-21) generates for the same `traffic.kuma.io/transparent-proxy-config` — written
 //! out below, loaded with iptables-restore into a twin pod, with `::6` on `lo` as Kuma adds it
 //! — and every connection of the probe list must end the same way in both pods. What each
-//! connection should do is also written down and asserted.
+//! connection should do is also written down and asserted. Kuma 2.x's per-key annotations
+//! (the release line's default) are proven the same way against what kuma-cni 2.x (v2.14.3 =
+//! 0c7aaec, `app/cni/pkg/cni`) builds from them: its builder there is byte for byte the one at
+//! 348b652 but for the module path, so one reference writer serves both.
 
 mod common;
 
@@ -64,6 +67,8 @@ struct Opts<'a> {
     exclude_out_ports: &'a [u16],
     exclude_in_ips: &'a [&'a str],
     drop_invalid: bool,
+    /// A delegated gateway: inbound redirection disabled (KUMA_MESH_INBOUND only returns).
+    no_inbound: bool,
 }
 
 /// Kuma's iptables-restore document for one family (tables raw, nat, mangle, in the builder's
@@ -95,13 +100,18 @@ fn reference(o: &Opts, v6: bool) -> String {
     r += "-A OUTPUT -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053\n";
     r += "-A OUTPUT -p tcp -m tcp --dport 53 -m owner ! --uid-owner 5678 -j RETURN\n";
     r += "-A OUTPUT -p tcp -j KUMA_MESH_OUTBOUND\n";
-    for ip in o.exclude_in_ips.iter().filter(fam) {
-        r += &format!("-A KUMA_MESH_INBOUND -s {ip} -j RETURN\n");
+    if o.no_inbound {
+        // builder_table_nat.go: "inbound traffic redirection is disabled".
+        r += "-A KUMA_MESH_INBOUND -p tcp -j RETURN\n";
+    } else {
+        for ip in o.exclude_in_ips.iter().filter(fam) {
+            r += &format!("-A KUMA_MESH_INBOUND -s {ip} -j RETURN\n");
+        }
+        for p in [9001, 9902] {
+            r += &format!("-A KUMA_MESH_INBOUND -p tcp -m tcp --dport {p} -j RETURN\n");
+        }
+        r += "-A KUMA_MESH_INBOUND -p tcp -j KUMA_MESH_INBOUND_REDIRECT\n";
     }
-    for p in [9001, 9902] {
-        r += &format!("-A KUMA_MESH_INBOUND -p tcp -m tcp --dport {p} -j RETURN\n");
-    }
-    r += "-A KUMA_MESH_INBOUND -p tcp -j KUMA_MESH_INBOUND_REDIRECT\n";
     r += "-A KUMA_MESH_INBOUND_REDIRECT -p tcp -j REDIRECT --to-ports 15006\n";
     for p in o.exclude_out_ports {
         r += &format!("-A KUMA_MESH_OUTBOUND -p tcp -m tcp --dport {p} -j RETURN\n");
@@ -221,6 +231,7 @@ redirect:
         exclude_out_ports: &[3306],
         exclude_in_ips: &["10.88.0.1/32", "fd88::1/128"],
         drop_invalid: true,
+        no_inbound: false,
     };
     load_dual_stack_reference(&twin, &o);
     let probes = probes(&ours);
@@ -277,13 +288,23 @@ fn pods_kuma_cni_would_not_capture_are_left_alone_and_bad_config_fails() {
         // kuma-init applies this pod's rules itself.
         json!({INJECTED: "true", CONFIG: "cniMode: false"}),
         json!({"kuma.io/transparent-proxying-inbound-port": "15006"}),
+        // Kuma 2.x's per-key annotations without kuma-cni in the network list: init mode
+        // (the injector added kuma-init), as inject.01's golden.
+        json!({INJECTED: "true"}),
+        json!(per_key(&[("k8s.v1.cni.cncf.io/networks", "")])),
     ] {
         let pod = Pod::with(Some(ann.clone()), json!({"mesh": "kuma"}))
             .unwrap_or_else(|e| panic!("{ann}: {e}"));
         assert!(!pod.pod.has_table(), "{ann}");
     }
     for (ann, what) in [
-        (json!({INJECTED: "true"}), "missing"),
+        (
+            json!(per_key(&[(
+                "kuma.io/transparent-proxying-ip-family-mode",
+                "ipv6"
+            )])),
+            "kuma.io/transparent-proxying-ip-family-mode",
+        ),
         (
             json!({INJECTED: "true", CONFIG: "cniMode: true\nkumaDPUser: kuma-dp"}),
             "kumaDPUser",
@@ -299,6 +320,131 @@ fn pods_kuma_cni_would_not_capture_are_left_alone_and_bad_config_fails() {
         let j = e.json.expect("error JSON");
         assert_eq!(j["code"], 100, "{j}");
         let msg = j["msg"].as_str().unwrap();
-        assert!(msg.contains(CONFIG) && msg.contains(what), "{msg}");
+        assert!(msg.contains(what), "{msg}");
     }
+}
+
+/// The annotations Kuma 2.x's injector writes on a CNI-mode pod with Helm's defaults
+/// (kumahq/kuma v2.14.3 = 0c7aaec: `injector.go` NewAnnotations; the CNI-mode golden
+/// `inject.34.golden.yaml`, with the control plane's defaults of builtin DNS on, the probe
+/// proxy on 9001 and, with the admin port on a unix socket, 9902 excluded inbound), with
+/// `extra` added or replacing.
+fn per_key(extra: &[(&str, &str)]) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    for (k, v) in [
+        ("k8s.v1.cni.cncf.io/networks", "kuma-cni"),
+        ("kubectl.kubernetes.io/default-container", "app"),
+        ("kuma.io/application-probe-proxy-port", "9001"),
+        ("kuma.io/builtin-dns", "enabled"),
+        ("kuma.io/builtin-dns-logging", "false"),
+        ("kuma.io/builtin-dns-port", "15053"),
+        ("kuma.io/envoy-admin-port", "9901"),
+        (INJECTED, "true"),
+        ("kuma.io/sidecar-uid", "5678"),
+        ("kuma.io/transparent-proxying", "enabled"),
+        ("kuma.io/transparent-proxying-inbound-port", "15006"),
+        ("kuma.io/transparent-proxying-ip-family-mode", "dualstack"),
+        ("kuma.io/transparent-proxying-outbound-port", "15001"),
+        ("kuma.io/virtual-probes", "disabled"),
+        ("kuma.io/virtual-probes-port", "9000"),
+        ("traffic.kuma.io/exclude-inbound-ports", "9902"),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        m.insert(k.into(), json!(v));
+    }
+    m
+}
+
+/// Issue 21: Kuma 2.x's default install writes per-key annotations, not the YAML; such pods
+/// used to fail ADD. Read as kuma-cni 2.x reads them (v2.14.3 `app/cni/pkg/cni`), they get
+/// kuma-cni 2.x's rules: inbound 9902 and 9001 excluded, outbound 9901 excluded (its default
+/// when the key is absent), DNS captured with the zone split, dual stack.
+#[test]
+fn a_kuma_2x_pod_with_per_key_annotations_behaves_as_under_kuma_cni_2x() {
+    let ours = Pod::with(Some(json!(per_key(&[]))), json!({"mesh": "kuma"}))
+        .unwrap_or_else(|e| panic!("ADD: {e}"));
+    let twin = unmeshed_pod(true);
+    let o = Opts {
+        exclude_out_ports: &[9901],
+        ..Opts::default()
+    };
+    load_dual_stack_reference(&twin, &o);
+    let mut probes = probes(&ours);
+    probes.push(Probe::Out(APP, hp(GW4, 9901))); // 20: kuma-cni's default outbound exclusion
+    let got = compare(&ours, &twin, proxy(), &probes);
+    let (p4, p6) = (&ours.ip4, &ours.ip6);
+    for (i, want) in [
+        (0, format!("proxy:15001 orig={}", hp(GW4, 8080))),
+        (3, "node:8080".to_string()),
+        (6, format!("proxy:15006 orig={}", hp(p4, 8080))),
+        (8, format!("proxy:15006 orig={}", hp(p6, 8080))),
+        (10, "proxy".into()),
+        (11, "node".into()),
+        (13, format!("proxy:15006 orig={}", hp(p4, 8080))),
+        (14, "app:9001".into()),
+        (15, "app:9902".into()),
+        (17, "proxy:15006 orig=127.0.0.6:25000".into()),
+        (20, "no answer".into()),
+    ] {
+        assert_eq!(of(&got, &probes[i]), want, "{:?}", probes[i]);
+    }
+    ours.check().expect("CHECK");
+    // kuma-validation, as the injector's CNI-mode init container runs it.
+    for v6 in [false, true] {
+        let mut c = std::process::Command::new(PROBE);
+        c.args([
+            "--netns",
+            &ours.pod.path(),
+            "--gid",
+            "5678",
+            "--uid",
+            "5678",
+        ]);
+        c.args(["validate", "kuma"]);
+        if v6 {
+            c.arg("--ipv6");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "ipv6={v6}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// A delegated gateway (`kuma.io/gateway: enabled`, the CNI-mode golden inject.41): outbound
+/// and DNS captured, inbound not, as kuma-cni 2.x.
+#[test]
+fn a_kuma_2x_delegated_gateway_captures_outbound_and_dns_only() {
+    let ann = per_key(&[
+        ("kuma.io/gateway", "enabled"),
+        ("kuma.io/application-probe-proxy-port", "0"),
+    ]);
+    let ours =
+        Pod::with(Some(json!(ann)), json!({"mesh": "kuma"})).unwrap_or_else(|e| panic!("ADD: {e}"));
+    let twin = unmeshed_pod(true);
+    let o = Opts {
+        exclude_out_ports: &[9901],
+        no_inbound: true,
+        ..Opts::default()
+    };
+    load_dual_stack_reference(&twin, &o);
+    let probes = probes(&ours);
+    let got = compare(&ours, &twin, proxy(), &probes);
+    let p4 = &ours.ip4;
+    assert_eq!(
+        of(&got, &probes[0]),
+        format!("proxy:15001 orig={}", hp(GW4, 8080))
+    );
+    assert_eq!(of(&got, &probes[10]), "proxy");
+    assert_eq!(of(&got, &probes[13]), "app:8080", "inbound not captured");
+    // The proxy calling the pod's own address still goes to its inbound port (Kuma keeps the
+    // loopback rule and its inbound redirect chain).
+    assert_eq!(
+        of(&got, &probes[6]),
+        format!("proxy:15006 orig={}", hp(p4, 8080))
+    );
 }

@@ -549,11 +549,24 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
         "default",
         &[(STATUS, "{}"), (EXCLUDE_RANGES, "10.1.0.0/16,10.0.0.0/33")],
     );
-    let all = [&web_a, &web_b, &plain, &sys, &bad];
+    // An Istio gateway, as the gateway chart's pods are injected: never captured, by ADD or by
+    // the agent's repair (the same decision).
+    let gw = run(
+        "gw-0",
+        "default",
+        &[
+            ("inject.istio.io/templates", "gateway"),
+            (
+                STATUS,
+                r#"{"initContainers":null,"containers":["istio-proxy"],"volumes":["istio-envoy"],"imagePullSecrets":null,"revision":"default"}"#,
+            ),
+        ],
+    );
+    let all = [&web_a, &web_b, &plain, &sys, &bad, &gw];
     for p in all {
         assert!(!has_table(&p.netns), "{} has a table already", p.name);
     }
-    r.ok("5 sandboxes running, none captured: their traffic bypasses the proxy");
+    r.ok("6 sandboxes running, none captured: their traffic bypasses the proxy");
     prove_uncaptured(&r, &web_a);
     assert_eq!(istio_validation(&web_a), 126);
     r.ok("web-a's istio-validation fails (exit 126): the pod would sit in Init:Error");
@@ -586,10 +599,10 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     }
     assert_eq!(istio_validation(&web_a), 0);
     r.ok("web-a's istio-validation, retried as the kubelet retries it, passes now");
-    for p in [&plain, &sys, &bad] {
+    for p in [&plain, &sys, &bad, &gw] {
         assert!(!has_table(&p.netns), "{} was touched", p.name);
     }
-    r.ok("plain-0 (no sidecar), sys-0 (kube-system) and bad-0 (malformed) untouched");
+    r.ok("plain-0 (no sidecar), sys-0 (kube-system), bad-0 (malformed) and gw-0 (an Istio gateway) untouched");
     let invalid = agent_lines(&node, "pod left alone: invalid annotation");
     assert!(
         invalid.iter().any(|l| l["pod"] == "default/bad-0"
@@ -694,8 +707,8 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
         ),
         (
             r#"mesh_redirect_pods{state="skipped"}"#.to_string(),
-            3.0,
-            "plain-0, sys-0, plain-1",
+            4.0,
+            "plain-0, sys-0, gw-0, plain-1",
         ),
         ("mesh_redirect_chain_in_place".to_string(), 1.0, "chained"),
         ("mesh_redirect_ready".to_string(), 1.0, "ready"),
@@ -807,7 +820,7 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     node.installer().wait_ready();
     r.ok("web-a's sandbox removed: ready again");
     drop(cluster);
-    for p in [&web_b, &sys, &bad] {
+    for p in [&web_b, &sys, &bad, &gw] {
         node.remove_pod(p);
     }
     assert!(node.stop_installer().success());

@@ -17,14 +17,39 @@ use mesh_redirect::ruleset::{self, Elems, Family, Match, Ruleset};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-/// A profile's annotation names: its marker first, then its table's, in order.
+/// A profile's annotation names: its marker first, then its table's, in order, then (Kuma)
+/// the 2.x per-key names read when the YAML is absent.
 pub fn names(mesh: Mesh) -> Vec<&'static str> {
+    use mesh_redirect::policy::kuma_keys as k;
     let p = mesh.profile();
     let marker = match p.marker {
         Marker::Present(n) | Marker::Equals(n, _) => n,
     };
+    let per_key: &[&'static str] = if mesh == Mesh::Kuma {
+        &[
+            k::NETWORKS,
+            k::INBOUND_PORT,
+            k::OUTBOUND_PORT,
+            k::IP_FAMILY_MODE,
+            k::SIDECAR_UID,
+            k::GATEWAY,
+            k::BUILTIN_DNS,
+            k::BUILTIN_DNS_PORT,
+            k::PROBE_PROXY_PORT,
+            k::EXCLUDE_INBOUND_PORTS,
+            k::EXCLUDE_OUTBOUND_PORTS,
+            k::EXCLUDE_OUTBOUND_PORTS_FOR_UIDS,
+            k::EXCLUDE_INBOUND_IPS,
+            k::EXCLUDE_OUTBOUND_IPS,
+            k::DROP_INVALID_PACKETS,
+            k::IPTABLES_LOGS,
+        ]
+    } else {
+        &[]
+    };
     std::iter::once(marker)
-        .chain(p.annotations.iter().map(|a| a.name))
+        .chain(p.annotations.iter().map(|a| a.name).filter(|n| *n != marker))
+        .chain(per_key.iter().copied())
         .collect()
 }
 
@@ -57,7 +82,14 @@ pub fn max_rules(plan: &Plan) -> usize {
         .iter()
         .map(|e| (e.tcp as usize + e.udp as usize) * e.ports.ranges().len().max(1))
         .sum();
-    MAX_RULES + 5 * wild + uids
+    // KubeVirt's rerouted interfaces: per matcher (the set, each wildcard) two redirects and a
+    // return.
+    let reroute = if plan.reroute_interfaces.is_empty() {
+        0
+    } else {
+        3 * (1 + plan.reroute_interfaces.iter().filter(|n| n.ends_with('+')).count())
+    };
+    MAX_RULES + 5 * wild + uids + reroute
 }
 
 /// Runs `decide` and checks every invariant of its outcome (and, for a capture, of the
@@ -77,7 +109,8 @@ pub fn check_decision(cfg: &PluginConfig, pod: &Pod<'_>, res: &Result<Decision, 
     match res {
         Err(e) => check_error(pod, e),
         Ok(Decision::Skip(why)) => {
-            assert!(!why.is_empty(), "Skip without a reason");
+            assert!(!why.to_string().is_empty(), "Skip without a reason");
+            assert!(!why.rule().is_empty(), "Skip without a rule");
         }
         Ok(Decision::Capture(plan)) => {
             // README "Pod annotations": who may be captured at all.
@@ -101,6 +134,7 @@ pub fn check_decision(cfg: &PluginConfig, pod: &Pod<'_>, res: &Result<Decision, 
                 ),
             }
             if cfg.mesh == Mesh::Istio {
+                check_istio_injection(ann);
                 if let Some(v) = ann.get(istio::INJECT) {
                     assert!(!is_false(v), "captured a pod with inject={v:?}");
                 }
@@ -111,11 +145,44 @@ pub fn check_decision(cfg: &PluginConfig, pod: &Pod<'_>, res: &Result<Decision, 
                     );
                 }
             }
-            check_plan(cfg, plan);
+            check_plan(cfg, ann, plan);
             let rs = ruleset::build(plan);
             check_ruleset(plan, &rs);
             check_text(&rs);
             check_encoding(&rs);
+        }
+    }
+}
+
+/// What Istio's injector says about a captured pod (README, "Istio"): a sidecar template, no
+/// istio-init, the proxy among what it injected, the proxy not disabled.
+fn check_istio_injection(ann: &Annotations) {
+    if let Some(t) = ann.get(istio::TEMPLATES) {
+        assert!(
+            t.split(',').any(|x| x.trim() == "sidecar"),
+            "captured a pod with templates {t:?}"
+        );
+    }
+    if let Some(st) = ann.get(istio::STATUS)
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(st)
+    {
+        let list = |k: &str| -> Option<Vec<String>> {
+            v.get(k)?.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+        };
+        let (init, cont) = (list("initContainers"), list("containers"));
+        assert!(
+            !init.iter().flatten().any(|c| c == "istio-init"),
+            "captured a pod in istio-init mode"
+        );
+        if init.is_some() || cont.is_some() {
+            assert!(
+                init.iter().chain(cont.iter()).flatten().any(|c| c == "istio-proxy"),
+                "captured a pod without istio-proxy: {st}"
+            );
         }
     }
 }
@@ -214,7 +281,7 @@ fn check_ifname(what: &str, name: &str) {
     );
 }
 
-pub fn check_plan(cfg: &PluginConfig, plan: &Plan) {
+pub fn check_plan(cfg: &PluginConfig, ann: &Annotations, plan: &Plan) {
     let profile = cfg.mesh.profile();
     // Only Istio takes ids and ports from the config alone (Linkerd's and Kuma's pods may
     // set their own).
@@ -274,12 +341,19 @@ pub fn check_plan(cfg: &PluginConfig, plan: &Plan) {
         }
     }
     assert_eq!(plan.shape, profile.shape, "the profile's shape");
-    if cfg.mesh != Mesh::Kuma {
+    // Kuma's pods set their family; an Istio pod's proxy metadata may (ISTIO_DUAL_STACK).
+    if cfg.mesh != Mesh::Kuma && !ann.contains_key(istio::PROXY_CONFIG) {
         assert_eq!(
             plan.ipv6,
             cfg.ipv6 || plan.mode == Mode::Tproxy,
             "ipv6 switch"
         );
+    }
+    for n in &plan.reroute_interfaces {
+        let base = n.strip_suffix('+').unwrap_or(n);
+        if !base.is_empty() || !n.ends_with('+') {
+            check_ifname("reroute_interfaces", base);
+        }
     }
     for e in &plan.uid_exclusions {
         assert!(e.tcp || e.udp, "uid exclusion without a protocol");

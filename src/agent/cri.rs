@@ -287,6 +287,37 @@ mod tests {
         }
     }
 
+    /// CRI-O's verbose sandbox status, built from its own structs (cri-o v1.36.3 = b24632ab,
+    /// `server/sandbox_status.go` `createSandboxInfo`): one key, `info`, whose JSON holds
+    /// `runtimeSpec` (an OCI spec; CRI-O pins the netns at `<namespaces_dir>/netns/<uuid>`,
+    /// `internal/config/nsmgr/nsmgr_linux.go`), plus `image` and `pid` only when the infra
+    /// container is real (it is dropped by default, `DropInfraCtr`). A host-network pod has a
+    /// network path too (pinns pins the host's namespace); the status's namespace mode tells.
+    #[test]
+    fn cri_o_shaped_status() {
+        // The dropped-infra (default) shape: `struct { RuntimeSpec spec.Spec json:"runtimeSpec" }`.
+        let spoofed = r#"{"runtimeSpec":{"ociVersion":"1.2.0","process":{"user":{"uid":0,"gid":0},"args":["/pause"],"cwd":"/"},"root":{"path":"/var/lib/containers/storage/overlay/abc/merged"},"hostname":"web-0","annotations":{"io.kubernetes.cri-o.HostNetwork":"false","io.kubernetes.cri-o.SandboxID":"7f3a"},"linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/5a3c2f0e-9d7b-4c1e-8f6a-2b4d6e8f0a1c"},{"type":"ipc","path":"/var/run/ipcns/5a3c2f0e-9d7b-4c1e-8f6a-2b4d6e8f0a1c"},{"type":"uts","path":"/var/run/utsns/5a3c2f0e-9d7b-4c1e-8f6a-2b4d6e8f0a1c"},{"type":"mount"}],"cgroupsPath":"kubepods-besteffort-pod123.slice:crio:7f3a"}}}"#;
+        let n = sandbox_net(&status(spoofed, 0, &["10.85.0.7", "1100:200::7"]));
+        assert_eq!(
+            n.netns,
+            Some(PathBuf::from(
+                "/var/run/netns/5a3c2f0e-9d7b-4c1e-8f6a-2b4d6e8f0a1c"
+            ))
+        );
+        assert_eq!(n.pid, None);
+        assert!(n.ipv6 && !n.host_network);
+        // A real infra container: `struct { Image, Pid, RuntimeSpec }`.
+        let real = r#"{"image":"registry.k8s.io/pause:3.10","pid":4242,"runtimeSpec":{"linux":{"namespaces":[{"type":"network","path":"/var/run/netns/0b1e"}]}}}"#;
+        let n = sandbox_net(&status(real, 0, &["10.85.0.8"]));
+        assert_eq!(
+            (n.netns, n.pid),
+            (Some(PathBuf::from("/var/run/netns/0b1e")), Some(4242))
+        );
+        // Host network: a pinned path, but the status's mode says NODE.
+        let host = r#"{"runtimeSpec":{"linux":{"namespaces":[{"type":"network","path":"/var/run/netns/host-pin"}]}}}"#;
+        assert!(sandbox_net(&status(host, api::NamespaceMode::Node as i32, &[])).host_network);
+    }
+
     #[test]
     fn netns_from_the_runtime_spec_or_the_pid() {
         let containerd = r#"{"pid": 42, "runtimeSpec": {"linux": {"namespaces": [

@@ -122,7 +122,7 @@ async fn route(
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            plain(code, readiness::body(&why))
+            plain(code, readiness::body(&why, &st.readiness.warnings()))
         }
     })
 }

@@ -28,7 +28,7 @@ pub struct Command {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct State {
-    /// captured, repaired, skipped, invalid_annotation, failed, defended.
+    /// captured, repaired, skipped, invalid_annotation, failed, defended, foreign_capture.
     pub state: String,
 }
 
@@ -75,13 +75,14 @@ pub struct Listener {
 }
 
 /// The pod states a pass reports (each always present, 0 when none).
-pub const POD_STATES: [&str; 6] = [
+pub const POD_STATES: [&str; 7] = [
     "captured",
     "repaired",
     "skipped",
     "invalid_annotation",
     "failed",
     "defended",
+    "foreign_capture",
 ];
 
 impl Metrics {

@@ -74,6 +74,7 @@ impl Shared {
             m.rechains.inc_by(s.rechains - seen);
         }
         self.readiness.set_chain(s.ready.clone());
+        self.readiness.set_warnings(s.warnings.clone());
         self.refresh_ready();
     }
 }

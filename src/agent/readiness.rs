@@ -57,6 +57,8 @@ pub enum Reconcile {
 /// The parts of readiness, each set by the thread that knows it.
 pub struct Readiness {
     chain: Mutex<Option<Result<(), String>>>,
+    /// Shown in the probe's body, ready or not; never gating.
+    warnings: Mutex<Vec<String>>,
     reconcile: Mutex<Reconcile>,
     bypass: Mutex<Option<String>>,
 }
@@ -65,6 +67,7 @@ impl Readiness {
     pub fn new(reconciling: bool) -> Readiness {
         Readiness {
             chain: Mutex::new(None),
+            warnings: Mutex::new(Vec::new()),
             reconcile: Mutex::new(if reconciling {
                 Reconcile::NotYet(NotReady::NoPassYet)
             } else {
@@ -114,6 +117,14 @@ impl Readiness {
     pub fn set_bypass(&self, b: Option<String>) {
         *lock(&self.bypass) = b;
     }
+
+    pub fn set_warnings(&self, w: Vec<String>) {
+        *lock(&self.warnings) = w;
+    }
+
+    pub fn warnings(&self) -> Vec<String> {
+        lock(&self.warnings).clone()
+    }
 }
 
 /// A poisoned lock only means a thread panicked holding it, and a panic ends the process
@@ -122,15 +133,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The probe's body: every reason, one per line.
-pub fn body(why: &[NotReady]) -> String {
-    if why.is_empty() {
-        return "ok\n".into();
-    }
+/// The probe's body: every reason, one per line, then the warnings.
+pub fn body(why: &[NotReady], warnings: &[String]) -> String {
     let mut s = String::new();
+    if why.is_empty() {
+        s.push_str("ok\n");
+    }
     for w in why {
         s.push_str("not ready: ");
         s.push_str(&w.to_string());
+        s.push('\n');
+    }
+    for w in warnings {
+        s.push_str("warning: ");
+        s.push_str(w);
         s.push('\n');
     }
     s
@@ -159,7 +175,7 @@ mod tests {
         r.set_reconcile(Reconcile::Done(vec![issue("default/web", "netns gone")]));
         let why = r.check();
         assert_eq!(
-            body(&why),
+            body(&why, &[]),
             "not ready: 1 meshed pod(s) not captured or not checked: default/web: netns gone\n"
         );
         r.set_reconcile(Reconcile::Done(vec![]));
@@ -168,5 +184,9 @@ mod tests {
         let off = Readiness::new(false);
         off.set_chain(Ok(()));
         assert!(off.is_ready());
+        assert_eq!(
+            body(&[], &["flapping: x".into()]),
+            "ok\nwarning: flapping: x\n"
+        );
     }
 }

@@ -77,6 +77,9 @@ pub struct Pass {
     pub failed: usize,
     /// Hold a table of their own under our name (`flags owner`): reported, not gating.
     pub defended: Vec<PodIssue>,
+    /// Captured by their mesh's own rules (istio-cni, an init container) and not by us:
+    /// left alone while migrating, reported, not gating.
+    pub foreign: Vec<PodIssue>,
     /// Differences found: table missing, table differing.
     pub missing: usize,
     pub differing: usize,
@@ -96,6 +99,7 @@ enum Outcome {
     Skipped,
     Invalid,
     Defended(PodIssue),
+    Foreign(PodIssue),
     Failed {
         repairing: bool,
     },
@@ -120,6 +124,7 @@ enum Reported {
     CannotCheck(String),
     CannotRepair(String),
     Defended,
+    Foreign,
 }
 
 pub struct Reconciler {
@@ -235,6 +240,7 @@ impl Reconciler {
                 Outcome::Skipped => p.skipped += 1,
                 Outcome::Invalid => p.invalid += 1,
                 Outcome::Defended(i) => p.defended.push(i),
+                Outcome::Foreign(i) => p.foreign.push(i),
                 Outcome::Failed { repairing } => {
                     p.failed += 1;
                     p.repair_failures += repairing as usize;
@@ -422,6 +428,25 @@ impl Reconciler {
         if drift.owned_by_another() {
             return Ok(self.defended(sb, &who, &netns, issue));
         }
+        // A pod its mesh's own CNI or init container captured (before mesh-redirect was
+        // installed, while migrating) keeps those rules: adding ours would make two layers.
+        if drift.table_missing()
+            && let Ok(Some(f)) = pod::in_netns(&ns, false, |k| k.foreign_capture())
+        {
+            let why = format!(
+                "captured by {}'s own rules ({}): left alone, as a second capture layer would \
+                 fight them; the pod is captured by mesh-redirect once it is recreated",
+                f.mesh, f.evidence
+            );
+            self.report_once(
+                &sb.id,
+                Reported::Foreign,
+                "info",
+                "pod captured by its mesh's own rules: left alone",
+                json!({"pod": who, "sandbox": sb.id, "netns": netns, "mesh": f.mesh, "evidence": f.evidence}),
+            );
+            return Ok(Outcome::Foreign(issue(why)));
+        }
         // The runtime stops a sandbox (NOTREADY) before its CNI DEL removes the table: a
         // sandbox that stopped since the list is gone, not drift to repair.
         if !self.still_ready(&sb.id)? {
@@ -510,6 +535,7 @@ fn record(st: &Shared, p: &Pass) {
         p.invalid,
         p.failed,
         p.defended.len(),
+        p.foreign.len(),
     ]) {
         m.pods
             .get_or_create(&State {
@@ -565,7 +591,7 @@ pub fn run(st: Arc<Shared>, mut r: Reconciler, period: Duration, started: Instan
                         "reconcile pass",
                         json!({"captured": p.captured, "repaired": p.repaired, "skipped": p.skipped,
                             "invalidAnnotation": p.invalid, "failed": p.failed,
-                            "defended": p.defended.len(),
+                            "defended": p.defended.len(), "foreign": p.foreign.len(),
                             "durationMs": p.duration.as_secs_f64() * 1e3,
                             "sinceStartMs": started.elapsed().as_millis() as u64}),
                     );

@@ -183,6 +183,10 @@ pub struct ConfDir {
     flapped_at: Option<Instant>,
     reported: Option<(OsString, String)>,
     waiting_logged: bool,
+    /// The plugin types of the primary as last read (the first is the primary plugin).
+    pub primary_types: Vec<String>,
+    /// Other meshes' capture plugins in the chain, as last logged.
+    conflicts_logged: Vec<String>,
 }
 
 impl ConfDir {
@@ -201,6 +205,36 @@ impl ConfDir {
             flapped_at: None,
             reported: None,
             waiting_logged: false,
+            primary_types: Vec::new(),
+            conflicts_logged: Vec::new(),
+        }
+    }
+
+    /// Another mesh's capture plugin in the chain we join (`istio-cni`, …): new pods would get
+    /// two capture layers. Migrating is fine for a while: install mesh-redirect, roll the
+    /// pods, then remove the mesh's own CNI (README, "Migrating").
+    pub fn conflicts(&self) -> Vec<String> {
+        self.primary_types
+            .iter()
+            .filter(|t| conflist::MESH_CNI_TYPES.contains(&t.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// What the flapping warning says: the primary plugin by type, and for Cilium the fix.
+    pub fn flap_hint(&self) -> String {
+        let file = self.chained.as_deref().map(show).unwrap_or_default();
+        match self.primary_types.first().map(String::as_str) {
+            Some("cilium-cni") => format!(
+                "Cilium's agent keeps rewriting {file} without mesh-redirect: its cni.exclusive \
+                 (the Helm default, true) makes it own the CNI config; set Helm value \
+                 cni.exclusive=false"
+            ),
+            Some(t) => format!(
+                "the primary plugin's installer ({t}) keeps rewriting {file} without \
+                 mesh-redirect; configure it to keep other plugins in its chain"
+            ),
+            None => format!("something keeps rewriting {file} without mesh-redirect"),
         }
     }
 
@@ -294,6 +328,23 @@ impl ConfDir {
             ));
         }
         let list = conflist::as_list(&p.conf);
+        self.primary_types = conflist::types(&list)
+            .into_iter()
+            .filter(|t| t != conflist::TYPE)
+            .collect();
+        let conflicts = self.conflicts();
+        if conflicts != self.conflicts_logged {
+            if !conflicts.is_empty() {
+                log(
+                    "warn",
+                    "another mesh's capture plugin is in the chain: new pods get two capture \
+                     layers until it is removed (migrating: install mesh-redirect, roll the \
+                     pods, then remove it)",
+                    json!({"file": show(&p.name), "plugins": conflicts}),
+                );
+            }
+            self.conflicts_logged = conflicts;
+        }
         // A chain mesh-redirect cannot speak would fail every pod's ADD on the node.
         crate::protocol::negotiate_version(&list, crate::protocol::Command::Add).map_err(|e| {
             format!(
@@ -652,7 +703,9 @@ impl ConfDir {
             log(
                 "warn",
                 "flapping: another component keeps rewriting the network config without mesh-redirect",
-                json!({"file": show(file), "rewrites": self.rewrites.len(), "windowSeconds": FLAP_WINDOW.as_secs()}),
+                json!({"file": show(file), "rewrites": self.rewrites.len(),
+                    "windowSeconds": FLAP_WINDOW.as_secs(), "primary": self.primary_types.first(),
+                    "hint": self.flap_hint()}),
             );
             self.rewrites.clear();
         }

@@ -97,6 +97,22 @@ pub fn as_list(c: &Conf) -> Map<String, Value> {
     }
 }
 
+/// Other meshes' capture plugins, by their `type`: with one of them in the chain we join, new
+/// pods get two capture layers.
+pub const MESH_CNI_TYPES: [&str; 3] = ["istio-cni", "linkerd-cni", "kuma-cni"];
+
+/// The plugin types of a list, in order.
+pub fn types(list: &Map<String, Value>) -> Vec<String> {
+    list.get("plugins")
+        .and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p.get("type").and_then(Value::as_str).map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// True if `list` ends with exactly `entry` and has no other entry of ours.
 pub fn is_chained(list: &Map<String, Value>, entry: &Value) -> bool {
     let plugins = list

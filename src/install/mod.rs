@@ -203,12 +203,25 @@ impl Installer {
     }
 
     fn status(&self) -> Status {
+        let mut warnings = Vec::new();
+        if self.conf.flapping() {
+            warnings.push(format!("flapping: {}", self.conf.flap_hint()));
+        }
+        let conflicts = self.conf.conflicts();
+        if !conflicts.is_empty() {
+            warnings.push(format!(
+                "{} in the chain too: new pods get two capture layers until it is removed \
+                 (migrating: install mesh-redirect, roll the pods, then remove it)",
+                conflicts.join(", ")
+            ));
+        }
         Status {
             ready: self.ready(),
             chained: self.conf.chained.as_ref().map(|c| confdir::show(c)),
             binary_current: self.binary_current,
             rechains: self.conf.rechains,
             flapping: self.conf.flapping(),
+            warnings,
         }
     }
 
@@ -320,6 +333,9 @@ pub struct Status {
     pub rechains: u64,
     /// That happened `FLAP_LIMIT` times within a minute.
     pub flapping: bool,
+    /// What the operator should know while chaining works: a fight over the file (naming the
+    /// plugin, and the fix for Cilium), another mesh's capture plugin in the chain.
+    pub warnings: Vec<String>,
 }
 
 /// Installs `plugin` and keeps `entry` (see [`Options::entry`]) chained until SIGTERM/SIGINT

@@ -7,7 +7,7 @@
 //! would silently do something else, is refused with code 100 (README: "Kuma").
 
 use super::lists::{self, Ports, bad};
-use super::{Draft, Mode, OutboundRanges, Step, UidExclusion};
+use super::{Draft, Mode, OutboundRanges, Skip, Step, UidExclusion};
 use crate::protocol::{CniError, truncate};
 use serde::Deserialize;
 
@@ -118,8 +118,11 @@ impl PortList {
     }
 }
 
+/// Inbound ports the YAML path always excludes.
+pub const YAML_ALWAYS_EXCLUDED_INBOUND: [u16; 2] = [9001, 9902];
+
 /// Reads the YAML and applies it to the draft.
-pub(crate) fn apply(name: &str, v: &str, s: &mut Draft) -> Result<Step, CniError> {
+pub(crate) fn apply(name: &'static str, v: &str, s: &mut Draft) -> Result<Step, CniError> {
     let c: Config = serde_saphyr::from_str(v).map_err(|e| {
         bad(
             name,
@@ -131,14 +134,13 @@ pub(crate) fn apply(name: &str, v: &str, s: &mut Draft) -> Result<Step, CniError
     if !c.cni_mode {
         // The injector adds kuma-init (which applies the rules itself) exactly when cniMode is
         // off; capturing here too would install the rules twice.
-        return Ok(Step::Skip(format!(
-            "{name} has no cniMode: true (kuma-init applies this pod's rules)"
-        )));
+        return Ok(Step::Skip(Skip::InitContainerMode {
+            container: "kuma-init",
+            evidence: format!("{name} has no cniMode: true"),
+        }));
     }
     if c.dry_run {
-        return Ok(Step::Skip(format!(
-            "{name} has dryRun: true (kuma-cni applies nothing)"
-        )));
+        return Ok(Step::Skip(Skip::DryRun { annotation: name }));
     }
     if let Some(u) = &c.kuma_dp_user {
         let u = u.text();
@@ -182,6 +184,11 @@ pub(crate) fn apply(name: &str, v: &str, s: &mut Draft) -> Result<Step, CniError
         ));
     }
     s.inbound_enabled = r.inbound.enabled;
+    // The injector lists the probe proxy (9001) and readiness (9902) ports in excludePorts;
+    // they are excluded when the YAML says nothing too.
+    s.exclude_inbound = s
+        .exclude_inbound
+        .union(&Ports::of(&YAML_ALWAYS_EXCLUDED_INBOUND));
     if let Some(p) = &r.inbound.exclude_ports {
         s.exclude_inbound =
             s.exclude_inbound
@@ -277,7 +284,7 @@ fn ips(name: &str, v: &str, what: &str, items: &[String]) -> Result<super::Cidrs
 /// One `excludePortsForUIDs` item: `[PROTOCOLS:][PORTS:]UIDS`, protocols `tcp`, `udp`, a
 /// comma list or `*`; ports a comma list of ports and `LOW-HIGH` ranges or `*`; uids one uid
 /// or one `LOW-HIGH` range.
-fn uid_exclusion(e: &str) -> Result<UidExclusion, String> {
+pub(crate) fn uid_exclusion(e: &str) -> Result<UidExclusion, String> {
     let parts: Vec<&str> = e.split(':').map(str::trim).collect();
     let (proto, ports, uids) = match parts.as_slice() {
         [u] => ("", "", *u),

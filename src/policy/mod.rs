@@ -5,9 +5,12 @@
 //! annotations mean what; this engine applies them. Every malformed annotation is an error
 //! that names it; nothing ever falls back to "capture nothing" or "capture everything".
 
+pub mod istio_inject;
 pub mod kuma;
+pub mod kuma_keys;
 pub mod lists;
 pub mod profiles;
+pub mod skip;
 
 use crate::config::{Annotations, PluginConfig};
 use crate::protocol::{CniError, code};
@@ -16,6 +19,7 @@ use lists::{bad, go_bool};
 pub use profiles::{
     DnsShape, Field, Loopback, Marker, Mesh, Profile, Shape, istio, kuma as kuma_names, linkerd,
 };
+pub use skip::Skip;
 use std::collections::BTreeSet;
 
 /// How inbound connections reach the proxy.
@@ -96,6 +100,9 @@ pub struct Plan {
     pub include_outbound_ports: Ports,
     pub exclude_outbound_ports: Ports,
     pub exclude_interfaces: BTreeSet<String>,
+    /// Interfaces whose arriving TCP goes to the outbound port (Istio's KubeVirt reroute: a
+    /// VM's traffic entering the virt-launcher pod), by name, so ones made later match too.
+    pub reroute_interfaces: BTreeSet<String>,
     pub dns: Option<Dns>,
     /// Capture IPv6 as well (off: IPv6 traffic is left alone).
     pub ipv6: bool,
@@ -130,7 +137,7 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Leave the pod alone; the reason is logged.
-    Skip(String),
+    Skip(Skip),
     Capture(Plan),
 }
 
@@ -165,6 +172,7 @@ pub(crate) struct Draft {
     pub include_outbound_ports: Ports,
     pub exclude_outbound_ports: Ports,
     pub exclude_interfaces: BTreeSet<String>,
+    pub reroute_interfaces: BTreeSet<String>,
     pub capture_dns: bool,
     pub dns_port: u16,
     pub dns_zones: bool,
@@ -176,7 +184,7 @@ pub(crate) struct Draft {
 /// What reading one annotation decided.
 pub(crate) enum Step {
     Continue,
-    Skip(String),
+    Skip(Skip),
 }
 
 /// Decides what to do for `pod`.
@@ -185,7 +193,7 @@ pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
     if let Some(ns) = pod.namespace
         && cfg.exclude_namespaces.iter().any(|e| e == ns)
     {
-        return Ok(Decision::Skip(format!("namespace {ns:?} is excluded")));
+        return Ok(Decision::Skip(Skip::Namespace(ns.to_string())));
     }
     let Some(ann) = pod.annotations else {
         if pod.name.is_some() {
@@ -201,22 +209,22 @@ pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
                 ),
             ));
         }
-        return Ok(Decision::Skip(
-            "no pod annotations and not a Kubernetes pod (no K8S_POD_NAME)".into(),
-        ));
+        return Ok(Decision::Skip(Skip::NotAPod));
     };
     match profile.marker {
         Marker::Present(name) if !ann.contains_key(name) => {
-            return Ok(Decision::Skip(format!(
-                "no {name} annotation: no {} sidecar was injected",
-                profile.name
-            )));
+            return Ok(Decision::Skip(Skip::NoSidecar {
+                mesh: profile.name,
+                annotation: name,
+                want: None,
+            }));
         }
         Marker::Equals(name, want) if ann.get(name).map(String::as_str) != Some(want) => {
-            return Ok(Decision::Skip(format!(
-                "{name} is not {want:?}: no {} sidecar was injected",
-                profile.name
-            )));
+            return Ok(Decision::Skip(Skip::NoSidecar {
+                mesh: profile.name,
+                annotation: name,
+                want: Some(want),
+            }));
         }
         _ => {}
     }
@@ -238,6 +246,7 @@ pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
         include_outbound_ports: Ports::default(),
         exclude_outbound_ports: cfg.exclude_outbound_ports.clone(),
         exclude_interfaces: BTreeSet::new(),
+        reroute_interfaces: BTreeSet::new(),
         capture_dns: cfg.capture_dns,
         dns_port: cfg.dns_port,
         dns_zones: true,
@@ -246,22 +255,20 @@ pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
         drop_invalid: false,
     };
     for a in profile.annotations {
-        let Some(v) = ann.get(a.name) else {
-            if a.field == Field::KumaConfig {
-                // kuma-cni fails the pod the same way: its whole configuration is missing.
-                return Err(bad(
-                    a.name,
-                    "",
-                    &format!(
-                        "missing: {} requires it on a pod with {}",
-                        profile.name,
-                        kuma_names::SIDECAR_INJECTED
-                    ),
-                ));
+        let step = match (a.field, ann.get(a.name)) {
+            // Kuma 2.x: without the YAML (or with an empty one), the per-key annotations its
+            // injector writes by default, as kuma-cni 2.x falls back to them.
+            (Field::KumaConfig, v) if v.is_none_or(|v| v.is_empty()) => {
+                kuma_keys::apply(ann, &mut draft)?
             }
-            continue;
+            // The deprecated name counts only without the new one (present, even empty).
+            (Field::KubevirtInterfaces, _) if ann.contains_key(istio::REROUTE_INTERFACES) => {
+                continue;
+            }
+            (_, None) => continue,
+            (_, Some(v)) => apply(profile, &mut draft, a.name, a.field, v)?,
         };
-        if let Step::Skip(why) = apply(profile, &mut draft, a.name, a.field, v)? {
+        if let Step::Skip(why) = step {
             return Ok(Decision::Skip(why));
         }
     }
@@ -272,23 +279,55 @@ pub fn decide(cfg: &PluginConfig, pod: &Pod<'_>) -> Result<Decision, CniError> {
 fn apply(
     profile: &Profile,
     s: &mut Draft,
-    name: &str,
+    name: &'static str,
     field: Field,
     v: &str,
 ) -> Result<Step, CniError> {
     let ranges = profile.shape.port_ranges;
     match field {
+        Field::InjectTemplates => {
+            if let Some(skip) = istio_inject::templates(name, v) {
+                return Ok(Step::Skip(skip));
+            }
+        }
+        Field::SidecarStatus => {
+            if let Some(skip) = istio_inject::status(name, v) {
+                return Ok(Step::Skip(skip));
+            }
+        }
+        Field::ProxyConfig => {
+            // The proxy's own settings for this pod win over the entry's mesh-wide ones.
+            let m = istio_inject::metadata(v);
+            if m.disable_envoy {
+                return Ok(Step::Skip(Skip::ProxyDisabled { annotation: name }));
+            }
+            if let Some(d) = m.dns_capture {
+                s.capture_dns = d;
+            }
+            if let Some(d) = m.dual_stack {
+                s.ipv6 = d;
+            }
+            if let Some(d) = m.invalid_drop {
+                s.drop_invalid = d;
+            }
+        }
+        Field::RerouteInterfaces | Field::KubevirtInterfaces => {
+            s.reroute_interfaces = lists::ifnames(name, v)?;
+        }
         Field::Inject => {
             // Go's ParseBool, as istio-cni reads it: a value that does not parse is not false.
             if go_bool(v) == Some(false) {
-                return Ok(Step::Skip(format!("{name}={v:?}")));
+                return Ok(Step::Skip(Skip::OptedOut {
+                    annotation: name,
+                    value: v.to_string(),
+                }));
             }
         }
         Field::InterceptionMode => match v.trim() {
             m if m.eq_ignore_ascii_case("REDIRECT") => s.mode = Mode::Redirect,
             m if m.eq_ignore_ascii_case("TPROXY") => s.mode = Mode::Tproxy,
             m if m.eq_ignore_ascii_case("NONE") => {
-                return Ok(Step::Skip(format!("{name}=NONE")));
+                return Ok(Step::Skip(Skip::NoInterception { annotation: name }));
             }
             _ => return Err(bad(name, v, "must be REDIRECT, TPROXY or NONE")),
         },
@@ -377,6 +416,7 @@ fn finish(profile: &Profile, s: Draft, pod: &Pod<'_>) -> Plan {
         include_outbound_ports: s.include_outbound_ports,
         exclude_outbound_ports: s.exclude_outbound_ports,
         exclude_interfaces: s.exclude_interfaces,
+        reroute_interfaces: s.reroute_interfaces,
         dns,
         // TPROXY is Istio's, which always covers both families.
         ipv6: s.ipv6 || s.mode == Mode::Tproxy,
@@ -457,7 +497,7 @@ mod tests {
     fn skip_without_status_or_when_inject_false_or_mode_none() {
         let none = Annotations::new();
         assert!(
-            matches!(decide_with(&none).unwrap(), Decision::Skip(w) if w.contains(istio::STATUS))
+            matches!(decide_with(&none).unwrap(), Decision::Skip(w) if w.to_string().contains(istio::STATUS))
         );
         for f in ["false", "False", "FALSE", "f", "F", "0"] {
             let d = decide_with(&ann(&[(istio::INJECT, f)])).unwrap();
@@ -489,7 +529,7 @@ mod tests {
             ipv6: false,
         };
         assert!(
-            matches!(decide(&cfg, &pod).unwrap(), Decision::Skip(w) if w.contains("kube-system"))
+            matches!(decide(&cfg, &pod).unwrap(), Decision::Skip(w) if w.to_string().contains("kube-system"))
         );
         let cfg = PluginConfig {
             exclude_namespaces: vec!["infra".into()],
@@ -860,7 +900,7 @@ mod tests {
         };
         assert!(matches!(
             decide(&PluginConfig::for_mesh(Mesh::Linkerd), &pod).unwrap(),
-            Decision::Skip(w) if w.contains(linkerd::PROXY_VERSION)
+            Decision::Skip(w) if w.to_string().contains(linkerd::PROXY_VERSION)
         ));
     }
 
@@ -884,9 +924,329 @@ mod tests {
             annotations: Some(&a),
             ..Pod::default()
         };
-        let e = decide(&cfg, &pod).unwrap_err();
-        assert_eq!(e.code, code::BAD_ANNOTATION);
-        assert!(e.msg.contains(kuma_names::TRANSPARENT_PROXY_CONFIG) && e.msg.contains("missing"));
+        // No YAML, no kuma-cni network: the injector added kuma-init (init mode).
+        let Decision::Skip(why) = decide(&cfg, &pod).unwrap() else {
+            panic!("captured")
+        };
+        assert_eq!(why.rule(), "init-container-mode");
+        assert!(why.to_string().contains("kuma-init"), "{why}");
+    }
+
+    fn istio_pod(pairs: &[(&str, &str)]) -> Result<Decision, CniError> {
+        let a: Annotations = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        decide_with(&a)
+    }
+
+    fn skipped_by(d: Result<Decision, CniError>) -> &'static str {
+        match d.unwrap() {
+            Decision::Skip(s) => s.rule(),
+            Decision::Capture(_) => "captured",
+        }
+    }
+
+    /// Pods as Istio's injector writes them (istio/istio 86c9f01, `pkg/kube/inject/testdata`).
+    #[test]
+    fn istio_pods_as_the_injector_writes_them() {
+        let st = |init: &str, containers: &str| {
+            format!(
+                r#"{{"initContainers":{init},"containers":{containers},"volumes":["istio-envoy"],"imagePullSecrets":null,"revision":"default"}}"#
+            )
+        };
+        // gateway.yaml.injected: template gateway, the proxy a router.
+        let gw = st("null", r#"["istio-proxy"]"#);
+        assert_eq!(
+            skipped_by(istio_pod(&[
+                (istio::TEMPLATES, "gateway"),
+                (istio::STATUS, &gw)
+            ])),
+            "gateway-template"
+        );
+        // A gateway is left alone even with a malformed capture annotation (istio-cni
+        // decides the skip before it reads the settings).
+        assert_eq!(
+            skipped_by(istio_pod(&[
+                (istio::TEMPLATES, "gateway"),
+                (istio::STATUS, &gw),
+                (istio::EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33"),
+            ])),
+            "gateway-template"
+        );
+        // hello-old-version.yaml.injected: istio-init mode.
+        let init = st(r#"["istio-init"]"#, r#"["istio-proxy"]"#);
+        assert_eq!(
+            skipped_by(istio_pod(&[(istio::STATUS, &init)])),
+            "init-container-mode"
+        );
+        // CNI mode, classic and native sidecars: captured.
+        let cni = st(r#"["istio-validation"]"#, r#"["istio-proxy"]"#);
+        let native = st(r#"["istio-validation","istio-proxy"]"#, "null");
+        for s in [&cni, &native] {
+            assert_eq!(
+                skipped_by(istio_pod(&[(istio::STATUS, s)])),
+                "captured",
+                "{s}"
+            );
+        }
+        assert_eq!(
+            skipped_by(istio_pod(&[
+                (istio::TEMPLATES, "sidecar"),
+                (istio::STATUS, &native)
+            ])),
+            "captured"
+        );
+        // No proxy among the injected containers.
+        let none = st("null", r#"["hello"]"#);
+        assert_eq!(
+            skipped_by(istio_pod(&[(istio::STATUS, &none)])),
+            "no-proxy-container"
+        );
+        // DISABLE_ENVOY in the pod's proxy metadata.
+        assert_eq!(
+            skipped_by(istio_pod(&[
+                (istio::STATUS, &cni),
+                (
+                    istio::PROXY_CONFIG,
+                    "proxyMetadata: {DISABLE_ENVOY: \"true\"}"
+                ),
+            ])),
+            "proxy-disabled"
+        );
+    }
+
+    #[test]
+    fn istio_proxy_config_sets_dns_dual_stack_and_invalid_drop_per_pod() {
+        let pc = |yaml: &str, extra: &[(&str, &str)]| {
+            let mut v = vec![(istio::STATUS, "{}"), (istio::PROXY_CONFIG, yaml)];
+            v.extend_from_slice(extra);
+            match istio_pod(&v).unwrap() {
+                Decision::Capture(p) => p,
+                Decision::Skip(s) => panic!("{s}"),
+            }
+        };
+        let p = pc("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n", &[]);
+        assert_eq!(p.dns.map(|d| d.port), Some(15053));
+        let p = pc(
+            "proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"false\", ISTIO_DUAL_STACK: \"false\", INVALID_DROP: \"true\"}",
+            &[],
+        );
+        assert!(p.dns.is_none() && !p.ipv6 && p.drop_invalid);
+        // Our own per-pod switch wins over the proxy metadata.
+        let p = pc(
+            "proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"true\"}",
+            &[(istio::CAPTURE_DNS, "false")],
+        );
+        assert!(p.dns.is_none());
+        // The pod's metadata wins over the entry's mesh-wide setting.
+        let cfg = PluginConfig {
+            capture_dns: true,
+            ..PluginConfig::default()
+        };
+        let a: Annotations = [
+            (istio::STATUS.to_string(), "{}".to_string()),
+            (
+                istio::PROXY_CONFIG.to_string(),
+                "proxyMetadata: {ISTIO_META_DNS_CAPTURE: \"false\"}".to_string(),
+            ),
+        ]
+        .into();
+        let Decision::Capture(p) = decide(
+            &cfg,
+            &Pod {
+                annotations: Some(&a),
+                ..Pod::default()
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert!(p.dns.is_none());
+        // Istio ignores a ProxyConfig it cannot decode, and so does this: the entry's value.
+        let p = pc("proxyMetadata: {ISTIO_META_DNS_CAPTURE: true}", &[]);
+        assert!(p.dns.is_none() && p.ipv6);
+    }
+
+    #[test]
+    fn kubevirt_interfaces_new_name_wins() {
+        let p = |pairs: &[(&str, &str)]| {
+            let mut v = vec![(istio::STATUS, "{}")];
+            v.extend_from_slice(pairs);
+            match istio_pod(&v) {
+                Ok(Decision::Capture(p)) => Ok(p.reroute_interfaces),
+                Ok(Decision::Skip(s)) => panic!("{s}"),
+                Err(e) => Err(e),
+            }
+        };
+        let set = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(
+            p(&[(istio::REROUTE_INTERFACES, "k6t-eth0, net1")]).unwrap(),
+            set(&["k6t-eth0", "net1"])
+        );
+        assert_eq!(
+            p(&[(istio::KUBEVIRT_INTERFACES, "eth1")]).unwrap(),
+            set(&["eth1"])
+        );
+        // Both: the new one, even empty; the deprecated one then is not even read.
+        assert_eq!(
+            p(&[
+                (istio::REROUTE_INTERFACES, "eth2"),
+                (istio::KUBEVIRT_INTERFACES, "eth1")
+            ])
+            .unwrap(),
+            set(&["eth2"])
+        );
+        assert!(
+            p(&[
+                (istio::REROUTE_INTERFACES, ""),
+                (istio::KUBEVIRT_INTERFACES, "bad/name")
+            ])
+            .unwrap()
+            .is_empty()
+        );
+        assert_eq!(
+            p(&[(istio::REROUTE_INTERFACES, "bad/name")])
+                .unwrap_err()
+                .code,
+            code::BAD_ANNOTATION
+        );
+    }
+
+    fn kuma_keys(pairs: &[(&str, &str)]) -> Result<Decision, CniError> {
+        let mut a: Annotations =
+            [(kuma_names::SIDECAR_INJECTED.to_string(), "true".to_string())].into();
+        for (k, v) in pairs {
+            a.insert(k.to_string(), v.to_string());
+        }
+        decide(
+            &PluginConfig::for_mesh(Mesh::Kuma),
+            &Pod {
+                namespace: Some("default"),
+                name: Some("web"),
+                annotations: Some(&a),
+                ipv6: true,
+            },
+        )
+    }
+
+    /// Kuma 2.x's injector goldens (kumahq/kuma v2.14.3 = 0c7aaec,
+    /// `pkg/plugins/runtime/k8s/webhooks/injector/testdata`), read as kuma-cni 2.x reads them.
+    #[test]
+    fn kuma_2x_per_key_pods() {
+        use kuma_keys::*;
+        // inject.34: CNI mode, ipv4, inbound 15055, probe proxy off.
+        let cni = [
+            (NETWORKS, "kuma-cni"),
+            (PROBE_PROXY_PORT, "0"),
+            ("kuma.io/envoy-admin-port", "9901"),
+            (SIDECAR_UID, "5678"),
+            ("kuma.io/transparent-proxying", "enabled"),
+            (INBOUND_PORT, "15055"),
+            (IP_FAMILY_MODE, "ipv4"),
+            (OUTBOUND_PORT, "15001"),
+            ("kuma.io/virtual-probes", "disabled"),
+        ];
+        let Decision::Capture(p) = kuma_keys(&cni).unwrap() else {
+            panic!("skipped")
+        };
+        assert_eq!(
+            (p.inbound_port, p.outbound_port, p.proxy_uid),
+            (15055, 15001, Some(5678))
+        );
+        assert!(!p.ipv6 && p.dns.is_none());
+        assert_eq!(p.inbound, Inbound::AllExcept(Ports::of(&[9901])));
+        assert_eq!(p.exclude_outbound_ports, Ports::of(&[9901]));
+        // With Helm's defaults: builtin DNS on, the probe proxy port, 9902 for admin over UDS.
+        let mut helm = cni.to_vec();
+        helm.retain(|(k, _)| *k != PROBE_PROXY_PORT && *k != IP_FAMILY_MODE && *k != INBOUND_PORT);
+        helm.extend([
+            (PROBE_PROXY_PORT, "9001"),
+            (IP_FAMILY_MODE, "dualstack"),
+            (BUILTIN_DNS, "enabled"),
+            (BUILTIN_DNS_PORT, "15053"),
+            ("kuma.io/builtin-dns-logging", "false"),
+            (EXCLUDE_INBOUND_PORTS, "9902"),
+        ]);
+        let Decision::Capture(p) = kuma_keys(&helm).unwrap() else {
+            panic!("skipped")
+        };
+        assert_eq!(p.inbound, Inbound::AllExcept(Ports::of(&[9001, 9902])));
+        assert_eq!(p.dns.map(|d| (d.port, d.zones)), Some((15053, true)));
+        assert!(p.ipv6 && p.inbound_port == 15006);
+        // inject.01: init mode (no kuma-cni network): kuma-init writes the rules.
+        let init: Vec<_> = cni
+            .iter()
+            .filter(|(k, _)| *k != NETWORKS)
+            .copied()
+            .collect();
+        assert_eq!(skipped_by(kuma_keys(&init)), "init-container-mode");
+        // inject.41: a delegated gateway in CNI mode: outbound (and DNS) only.
+        let mut gw = cni.to_vec();
+        gw.extend([(GATEWAY, "enabled"), (BUILTIN_DNS, "enabled")]);
+        let Decision::Capture(p) = kuma_keys(&gw).unwrap() else {
+            panic!("skipped")
+        };
+        assert_eq!(p.inbound, Inbound::Off);
+        assert!(p.dns.is_some() && p.outbound);
+        // Every per-key setting kuma-cni reads.
+        let Decision::Capture(p) = kuma_keys(&[
+            (NETWORKS, "kuma-cni"),
+            (SIDECAR_UID, "1234"),
+            (EXCLUDE_INBOUND_PORTS, "22,8443"),
+            (EXCLUDE_OUTBOUND_PORTS, "3306"),
+            (
+                EXCLUDE_OUTBOUND_PORTS_FOR_UIDS,
+                "tcp:80,443:1000-1005;udp:53:1001;",
+            ),
+            (EXCLUDE_INBOUND_IPS, "10.0.0.0/8,fd00::/8"),
+            (EXCLUDE_OUTBOUND_IPS, "192.168.0.1"),
+            (DROP_INVALID_PACKETS, "true"),
+            (IPTABLES_LOGS, "false"),
+        ])
+        .unwrap() else {
+            panic!("skipped")
+        };
+        assert_eq!(p.proxy_uid, Some(1234));
+        assert_eq!(p.inbound, Inbound::AllExcept(Ports::of(&[22, 8443, 9001])));
+        assert_eq!(p.exclude_outbound_ports, Ports::of(&[3306]));
+        assert_eq!(p.uid_exclusions.len(), 2);
+        assert_eq!(
+            p.inbound_exclude_sources.v4.len() + p.inbound_exclude_sources.v6.len(),
+            2
+        );
+        assert_eq!(p.exclude_ranges.v4.len(), 1);
+        assert!(p.drop_invalid);
+        // kuma-cni's refusals, each naming the key.
+        for (k, v) in [
+            (IP_FAMILY_MODE, "ipv6"),
+            (GATEWAY, "builtin"),
+            (BUILTIN_DNS, "yes"),
+            (SIDECAR_UID, "kuma-dp"),
+            (OUTBOUND_PORT, "0"),
+            (INBOUND_PORT, "15001,15002"),
+            (EXCLUDE_OUTBOUND_PORTS, ""),
+            (EXCLUDE_OUTBOUND_PORTS, "80-90"),
+            (EXCLUDE_INBOUND_IPS, ""),
+            (EXCLUDE_OUTBOUND_PORTS_FOR_UIDS, "sctp:1:1"),
+            (PROBE_PROXY_PORT, "x"),
+        ] {
+            let e = kuma_keys(&[(NETWORKS, "kuma-cni"), (k, v)]).unwrap_err();
+            assert_eq!(e.code, code::BAD_ANNOTATION, "{k}={v}");
+            assert!(e.msg.contains(k), "{k}: {}", e.msg);
+        }
+        // An empty exclude-inbound-ports with the probe proxy port on is fine (kuma-cni appends).
+        assert!(kuma_keys(&[(NETWORKS, "kuma-cni"), (EXCLUDE_INBOUND_PORTS, "")]).is_ok());
+        // The YAML, when there, wins: per-key keys are not read.
+        let Decision::Capture(p) = kuma_keys(&[
+            (NETWORKS, "kuma-cni"),
+            (kuma_names::TRANSPARENT_PROXY_CONFIG, "cniMode: true"),
+            (IP_FAMILY_MODE, "ipv6"),
+        ])
+        .unwrap() else {
+            panic!("skipped")
+        };
+        assert_eq!(p.inbound, Inbound::AllExcept(Ports::of(&[9001, 9902])));
     }
 
     #[test]

@@ -93,8 +93,21 @@ pub enum Field {
     ProxyUid,
     /// Integer: the proxy's gid; 0 or less means no gid rule.
     ProxyGid,
-    /// Kuma's YAML document holding the whole capture configuration.
+    /// Kuma's YAML document holding the whole capture configuration (absent or empty: the
+    /// per-key annotations Kuma 2.x's injector writes by default).
     KumaConfig,
+    /// Istio's `inject.istio.io/templates`: no `sidecar` among them, not captured.
+    InjectTemplates,
+    /// Istio's `sidecar.istio.io/status`: what the injector added (init-container mode, no
+    /// proxy: not captured).
+    SidecarStatus,
+    /// Istio's `proxy.istio.io/config`: the proxy's metadata for this pod (DNS capture, dual
+    /// stack, invalid-packet drop, the proxy disabled).
+    ProxyConfig,
+    /// Interfaces whose arriving TCP is redirected to the outbound port (KubeVirt).
+    RerouteInterfaces,
+    /// The deprecated name of the same, read only without the new one.
+    KubevirtInterfaces,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -173,8 +186,14 @@ pub mod istio {
     pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
     pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
-    /// Not an Istio name: Istio switches DNS capture through proxy metadata, which a CNI plugin
-    /// cannot read without the API server. This per-pod switch overrides `captureDNS`.
+    pub const TEMPLATES: &str = "inject.istio.io/templates";
+    pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
+    pub const REROUTE_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+    /// Deprecated by Istio for `istio.io/reroute-virtual-interfaces`, which wins when both are
+    /// there.
+    pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+    /// Not an Istio name: a per-pod switch of ours that overrides `captureDNS` and the pod's
+    /// `proxy.istio.io/config` (`ISTIO_META_DNS_CAPTURE`).
     pub const CAPTURE_DNS: &str = "traffic.mesh-redirect.io/captureDNS";
 
     /// Inbound ports never captured when includeInboundPorts is `*`: the proxy's own
@@ -204,8 +223,9 @@ pub mod linkerd {
 /// Kuma's annotation names.
 pub mod kuma {
     pub const SIDECAR_INJECTED: &str = "kuma.io/sidecar-injected";
-    /// The injector's YAML with the whole capture configuration (since August 2026 the only
-    /// source: the per-field `kuma.io/transparent-proxying-*` annotations are gone).
+    /// The injector's YAML with the whole capture configuration. Kuma 2.x writes it only with
+    /// Helm's `transparentProxy.configMap.enabled`, per-key annotations otherwise (see
+    /// `policy::kuma_keys`); Kuma's unreleased 3.0 writes only the YAML.
     pub const TRANSPARENT_PROXY_CONFIG: &str = "traffic.kuma.io/transparent-proxy-config";
 }
 
@@ -226,6 +246,19 @@ pub static ISTIO: Profile = Profile {
         dns: true,
     },
     annotations: &[
+        // Skips first, as istio-cni decides them before it reads any setting.
+        Annotation {
+            name: istio::TEMPLATES,
+            field: Field::InjectTemplates,
+        },
+        Annotation {
+            name: istio::STATUS,
+            field: Field::SidecarStatus,
+        },
+        Annotation {
+            name: istio::PROXY_CONFIG,
+            field: Field::ProxyConfig,
+        },
         Annotation {
             name: istio::INJECT,
             field: Field::Inject,
@@ -261,6 +294,14 @@ pub static ISTIO: Profile = Profile {
         Annotation {
             name: istio::EXCLUDE_INTERFACES,
             field: Field::ExcludeInterfaces,
+        },
+        Annotation {
+            name: istio::REROUTE_INTERFACES,
+            field: Field::RerouteInterfaces,
+        },
+        Annotation {
+            name: istio::KUBEVIRT_INTERFACES,
+            field: Field::KubevirtInterfaces,
         },
         Annotation {
             name: istio::CAPTURE_DNS,
@@ -337,9 +378,8 @@ pub static KUMA: Profile = Profile {
         inbound_port: 15006,
         dns_port: 15053,
         exclude_namespaces: &["kube-system", "kuma-system"],
-        // The injector puts the probe proxy (9001) and readiness (9902) ports in the YAML's
-        // inbound.excludePorts; they are also excluded when the YAML says nothing.
-        always_excluded_inbound: &[9001, 9902],
+        // Each source of Kuma's config sets its own (the YAML's and the per-key defaults differ).
+        always_excluded_inbound: &[],
         excluded_outbound: &[],
         ipv6: true,
         dns: true,

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cnichain;
 pub mod memcg;
 pub mod twin;
+pub mod vm;
 
 use cnichain::{Attachment, PluginError, Runtime};
 use serde_json::{Value, json};

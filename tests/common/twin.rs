@@ -67,22 +67,7 @@ pub fn outcome(pod: &Pod, probe: &Probe) -> String {
             };
         }
     };
-    match res {
-        Err(_) => "no answer".into(),
-        Ok(line) => {
-            let (name, orig) = answer(&line);
-            let port = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("port="))
-                .unwrap_or_default()
-                .to_string();
-            if name == "proxy" {
-                format!("proxy:{port} orig={orig}")
-            } else {
-                format!("{name}:{port}")
-            }
-        }
-    }
+    super::vm::describe(res)
 }
 
 /// A pod attached by the reference plugins alone (no mesh-redirect), on the same subnets.

@@ -370,3 +370,102 @@ fn pod_churn_keeps_the_agent_flat_and_its_counts_exact() {
     drop(proxy);
     assert!(node.stop_installer().success());
 }
+
+/// Istio's rules for a default pod, as istio-cni loads them (istio/istio 86c9f01
+/// `cni/pkg/plugin/testdata/basic.txt.golden`, IPv4).
+const ISTIO_BASIC: &str = "*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -p tcp --dport 15020 -j RETURN
+-A ISTIO_OUTPUT -p udp --dport 15020 -j RETURN
+-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+";
+
+/// Issue 22, migration: pods istio-cni captured before mesh-redirect was installed keep their
+/// rules (a second layer would fight them) and are reported; pods with nothing are captured;
+/// readiness holds.
+#[test]
+fn pods_their_mesh_captured_are_left_alone_while_migrating() {
+    let mut node = Node::start();
+    node.import_pause_image();
+    let conflist = node.write_primary_conflist();
+    node.wait_runtime_loaded(&conflist);
+    // Before mesh-redirect: one pod captured by istio-cni (its golden rules, loaded with
+    // iptables-restore as istio-cni does), one not captured at all.
+    let by_istio = run(&mut node, "by-istio", MESHED);
+    let nothing = run(&mut node, "nothing", MESHED);
+    let rules = node.dir("istio-basic.rules");
+    std::fs::write(&rules, ISTIO_BASIC).unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", by_istio.netns))
+        .args(["iptables-restore"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let socket = node.socket();
+    node.start_installer_with(&socket, &[]);
+    node.installer().wait_ready();
+    assert!(has_table(&nothing.netns), "the uncaptured pod is repaired");
+    assert!(
+        !has_table(&by_istio.netns),
+        "istio-cni's pod got a second layer"
+    );
+    wait_for(5, "the agent to report by-istio", || {
+        node.installer().log().lines().any(|l| {
+            l.contains("pod captured by its mesh's own rules") && l.contains("default/by-istio")
+        })
+    });
+    wait_for(5, "pods{state=foreign_capture} 1", || {
+        sample(
+            &metrics(&node),
+            r#"mesh_redirect_pods{state="foreign_capture"}"#,
+        ) == 1.0
+    });
+    let bad = unready_during(&node, Duration::from_secs(2));
+    assert!(bad.is_empty(), "{bad:?}");
+    // Its traffic still goes through Istio's rules to the proxy.
+    let _cluster = common::serve(&node.ns.path(), common::ROOT, "node", &[8080], &[]);
+    let _proxy = common::serve(
+        &by_istio.netns,
+        common::PROXY,
+        "proxy",
+        &[15001, 15006],
+        &[],
+    );
+    let r = common::connect(
+        &by_istio.netns,
+        common::APP,
+        &common::hp(node::GATEWAY, 8080),
+    );
+    assert!(r.as_deref().is_ok_and(|l| l.starts_with("proxy")), "{r:?}");
+    say("   istio-cni's pod left alone (reported, counted), the other repaired, ready throughout");
+    for p in [&by_istio, &nothing] {
+        node.remove_pod(p);
+    }
+    assert!(node.stop_installer().success());
+}
