@@ -458,6 +458,19 @@ fn a_stalled_or_panicking_thread_is_not_healthy() {
     let tid = nix::unistd::Pid::from_raw(thread_of(a.child.id(), "events"));
     ptrace::seize(tid, ptrace::Options::empty()).expect("PTRACE_SEIZE the events thread");
     ptrace::interrupt(tid).expect("PTRACE_INTERRUPT");
+    // Let the thread go however the test ends: a traced thread left stopped would keep the
+    // agent from being reaped.
+    struct Release(nix::unistd::Pid);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let _ = nix::sys::wait::waitpid(
+                self.0,
+                Some(nix::sys::wait::WaitPidFlag::__WALL | nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+            let _ = nix::sys::ptrace::detach(self.0, None);
+        }
+    }
+    let release = Release(tid);
     let t = Instant::now();
     let body = loop {
         match a.get(PROBE_PORT, "/healthz") {
@@ -474,8 +487,7 @@ fn a_stalled_or_panicking_thread_is_not_healthy() {
         t.elapsed().as_secs_f64(),
         body.trim()
     );
-    let _ = nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL));
-    let _ = ptrace::detach(tid, None);
+    drop(release);
     drop(a);
 
     // A panic in the reconcile or events thread: the process exits with 70 at once.

@@ -1077,3 +1077,44 @@ fn another_meshs_capture_plugin_in_the_chain_is_reported() {
         Some("mesh-redirect")
     );
 }
+
+/// Issue 22: a node whose glibc is older than the plugin needs would fail every pod's ADD:
+/// asked through the node's loader (`--node-loader`), the installer refuses, says why, and
+/// touches nothing. With this machine's own loader it installs as usual.
+#[test]
+fn a_node_glibc_too_old_for_the_plugin_is_refused() {
+    let node = Node::new();
+    let original = node.write("10-bridge.conflist", BRIDGE_LIST, 0o644);
+    // A stand-in for an old node's loader: it answers --version as glibc 2.17's does.
+    let old = node.tmp.path().join("old-ld.so");
+    std::fs::write(
+        &old,
+        "#!/bin/sh\necho 'ld.so (GNU libc) stable release version 2.17, by Roland McGrath et al.'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let inst = node.start(&["--node-loader", old.to_str().unwrap()]);
+    let (code, body) = inst.wait_not_ready_because("the node's glibc is 2.17");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("every pod's ADD would fail"), "{body}");
+    assert_eq!(
+        node.read("10-bridge.conflist").unwrap(),
+        original,
+        "chained anyway"
+    );
+    assert!(
+        !node.bin().join("mesh-redirect").exists(),
+        "installed anyway"
+    );
+    drop(inst);
+    let here = "/lib64/ld-linux-x86-64.so.2";
+    if Path::new(here).exists() {
+        let inst = node.start(&["--node-loader", here]);
+        inst.wait_ready();
+        assert!(
+            inst.log().contains("the node's glibc runs the plugin"),
+            "{}",
+            inst.log()
+        );
+    }
+}

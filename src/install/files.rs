@@ -515,6 +515,51 @@ pub fn glibc_requirement(binary: &[u8]) -> Option<(u32, u32)> {
         .max()
 }
 
+/// The glibc version a dynamic loader belongs to, from its `--version` line (`ld.so (GNU libc)
+/// stable release version 2.36.`; distributions add their name before it).
+pub fn parse_loader_version(out: &str) -> Option<(u32, u32)> {
+    let line = out.lines().next()?;
+    let rest = &line[line.rfind("version ")? + "version ".len()..];
+    let mut it = rest.trim_end_matches('.').split('.');
+    let major = it.next()?.trim().parse().ok()?;
+    let minor: String = it
+        .next()?
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    Some((major, minor.parse().ok()?))
+}
+
+/// The node's glibc, asked of its dynamic loader (`--node-loader`: the node's
+/// `/lib64/ld-linux-x86-64.so.2`, mounted read-only): the loader is self-contained and runs in
+/// the agent's container as it does on the node.
+pub fn node_glibc(loader: &Path) -> io::Result<(u32, u32)> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(loader)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other(
+                "the loader did not answer --version in time",
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out)?;
+    }
+    parse_loader_version(&out)
+        .ok_or_else(|| io::Error::other(format!("no glibc version in {:?}", out.lines().next())))
+}
+
 /// [`glibc_requirement`] of a file, read in chunks (that overlap by more than a version name).
 pub fn glibc_requirement_of(path: &Path) -> io::Result<Option<(u32, u32)>> {
     let f = File::open(path)?;
@@ -603,6 +648,26 @@ mod tests {
         }
         assert_eq!(parse_temp(OsStr::new(".mesh-redirect-tmp-123-abc")), None);
         assert_eq!(parse_temp(OsStr::new("10-bridge.conflist")), None);
+    }
+
+    #[test]
+    fn loader_versions() {
+        assert_eq!(
+            parse_loader_version("ld.so (GNU libc) stable release version 2.36.\nCopyright"),
+            Some((2, 36))
+        );
+        assert_eq!(
+            parse_loader_version(
+                "ld.so (Debian GLIBC 2.31-13+deb11u5) stable release version 2.31."
+            ),
+            Some((2, 31))
+        );
+        assert_eq!(parse_loader_version("musl libc (x86_64)"), None);
+        // This machine's own loader answers, as a node's would.
+        let here = Path::new("/lib64/ld-linux-x86-64.so.2");
+        if here.exists() {
+            assert!(node_glibc(here).unwrap().1 >= 17);
+        }
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Options {
     pub keep_binary: bool,
     /// On SIGTERM/SIGINT leave the entry and the binary in place (for rollouts; see README).
     pub keep_on_exit: bool,
+    /// The node's dynamic loader (mounted), to check the node's glibc can run the plugin.
+    pub node_loader: Option<PathBuf>,
 }
 
 /// The plugin binary's summary of `install` and `uninstall` (the agent's `help` lists every
@@ -88,6 +90,14 @@ pub const SPECS: &[Spec] = &[
         "MESH_REDIRECT_KEEP_BINARY",
         "leave the plugin binary in place on exit or uninstall",
     ),
+    Spec::value(
+        "--node-loader",
+        "MESH_REDIRECT_NODE_LOADER",
+        "PATH",
+        "the node's dynamic loader (its /lib64/ld-linux-x86-64.so.2, mounted read-only): asked \
+         for the node's glibc, and the plugin is not installed if it needs a newer one (every \
+         ADD would fail)",
+    ),
     Spec::switch(
         "--keep-on-exit",
         "MESH_REDIRECT_KEEP_ON_EXIT",
@@ -136,6 +146,7 @@ impl Options {
             readiness_addr,
             keep_binary: f.on("--keep-binary"),
             keep_on_exit: f.on("--keep-on-exit"),
+            node_loader: f.get("--node-loader").map(PathBuf::from),
         })
     }
 
@@ -183,6 +194,8 @@ struct Installer {
     /// (inode, mtime, size) of the binary when last found current: re-read only when it changes.
     binary_stamp: Option<files::Stamp>,
     last_error: Option<String>,
+    /// Why the plugin must not be installed on this node at all (its glibc is too old).
+    refused: Option<String>,
 }
 
 impl Installer {
@@ -199,6 +212,7 @@ impl Installer {
             binary_current: false,
             binary_stamp: None,
             last_error: None,
+            refused: None,
         }
     }
 
@@ -226,6 +240,9 @@ impl Installer {
     }
 
     fn ready(&self) -> Result<(), String> {
+        if let Some(e) = &self.refused {
+            return Err(e.clone());
+        }
         if let Some(e) = &self.last_error {
             return Err(e.clone());
         }
@@ -377,8 +394,42 @@ pub fn run(
         json!({"binDir": opts.bin_dir, "confDir": opts.conf_dir, "plugin": plugin,
             "nodeNeeds": needs.map(|(a, b)| format!("glibc >= {a}.{b} (libnftnl and libmnl ship in {})", files::LIBS_DIR))}),
     );
-    inst.install_binary();
-    inst.reconcile(&inotify);
+    if let (Some(loader), Some(need)) = (&opts.node_loader, needs) {
+        match files::node_glibc(loader) {
+            Ok(have) if have < need => {
+                let msg = format!(
+                    "not installing: the node's glibc is {}.{} (its loader {}), and the plugin \
+                     needs {}.{}: every pod's ADD would fail to start the plugin. Build the image \
+                     on an older glibc, or run nodes with a newer one",
+                    have.0,
+                    have.1,
+                    loader.display(),
+                    need.0,
+                    need.1
+                );
+                log(
+                    "error",
+                    "the node's glibc cannot run the plugin",
+                    json!({"error": msg}),
+                );
+                inst.refused = Some(msg);
+            }
+            Ok(have) => log(
+                "info",
+                "the node's glibc runs the plugin",
+                json!({"node": format!("{}.{}", have.0, have.1), "needs": format!("{}.{}", need.0, need.1)}),
+            ),
+            Err(e) => log(
+                "warn",
+                "cannot tell the node's glibc from its loader (installing anyway)",
+                json!({"loader": loader, "error": e.to_string()}),
+            ),
+        }
+    }
+    if inst.refused.is_none() {
+        inst.install_binary();
+        inst.reconcile(&inotify);
+    }
     report(&inst.status());
     loop {
         let mut fds = [
@@ -419,6 +470,12 @@ pub fn run(
                 json!({}),
             );
             return cleanup(&inst.opts);
+        }
+        if inst.refused.is_some() {
+            // Nothing to do but say why; the events are read so that poll waits again.
+            while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
+            report(&inst.status());
+            continue;
         }
         inst.check_binary();
         if !inst.binary_current {
