@@ -5,7 +5,6 @@ use crate::config::{self, Annotations, PluginConfig};
 use crate::policy::{self, Decision, Pod};
 use crate::{nft_text, ruleset};
 use serde_json::Value;
-use std::process::ExitCode;
 
 const USAGE_HEAD: &str = "\
 mesh-redirect: chained CNI plugin installing service-mesh traffic capture as nftables
@@ -47,11 +46,11 @@ fn usage() -> String {
     )
 }
 
-/// Runs a CLI command; returns the process exit code.
-pub fn main(args: Vec<String>) -> ExitCode {
+/// Runs a CLI command; returns the process exit status.
+pub fn main(args: Vec<String>) -> u8 {
     let Some((cmd, rest)) = args.split_first() else {
         eprintln!("{}", usage());
-        return ExitCode::from(2);
+        return 2;
     };
     let result = match cmd.as_str() {
         "plan" => plan(rest),
@@ -64,9 +63,9 @@ pub fn main(args: Vec<String>) -> ExitCode {
             return match exec_agent(args.clone()) {
                 Err(CliError::Failed(m) | CliError::Usage(m)) => {
                     eprintln!("mesh-redirect: {m}");
-                    ExitCode::from(CHECK_BYPASS_FAILED)
+                    CHECK_BYPASS_FAILED
                 }
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => 0,
             };
         }
         "uninstall" => crate::install::Options::parse(rest, |k| std::env::var(k).ok())
@@ -113,16 +112,16 @@ fn exec_agent(args: Vec<String>) -> Result<(), CliError> {
     )))
 }
 
-fn report(result: Result<(), CliError>) -> ExitCode {
+fn report(result: Result<(), CliError>) -> u8 {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(CliError::Usage(m)) => {
             eprintln!("mesh-redirect: {m}\n\n{}", usage());
-            ExitCode::from(2)
+            2
         }
         Err(CliError::Failed(m)) => {
             eprintln!("mesh-redirect: {m}");
-            ExitCode::FAILURE
+            1
         }
     }
 }

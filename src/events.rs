@@ -4,15 +4,21 @@
 //! non-blocking connect (a full backlog or no agent is `EAGAIN`/`ENOENT`/`ECONNREFUSED`, and
 //! the event is dropped), one write into the new connection's empty buffer, close.
 //!
+//! After a DEL (or a re-ADD) the write also carries the netfilter socket whose release would
+//! make the plugin wait for the kernel to free the deleted table (`kernel::Linger`): the
+//! agent closes it, so the runtime does not wait. With no agent, the plugin waits as before.
+//!
 //! A stream socket rather than datagrams: a connection waits in the listen backlog (up to
 //! `somaxconn`, 4096 by default) with its bytes queued, so a burst of concurrent ADDs is not cut
 //! at `net.unix.max_dgram_qlen` (10 on many nodes) as datagrams would be.
 
 use crate::log::Record;
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr, connect, send, socket,
+    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, connect, sendmsg, socket,
 };
 use serde_json::{Value, json};
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 /// Where the agent listens unless configured otherwise (a host directory only root can use).
@@ -43,29 +49,40 @@ pub fn event(rec: &Record, elapsed: Duration) -> Value {
     })
 }
 
-/// Sends `ev` to the agent at `path`, if it listens; ignores every failure.
-pub fn send_event(path: &str, ev: &Value) {
-    let _ = try_send(path, ev);
+/// Sends `ev` to the agent at `path`, if it listens, with `fd` attached (`SCM_RIGHTS`): a
+/// netlink socket for the agent to close (see `kernel::Linger`). Ignores every failure.
+pub fn send_event(path: &str, ev: &Value, fd: Option<BorrowedFd<'_>>) {
+    let _ = try_send(path, ev, fd);
 }
 
-fn try_send(path: &str, ev: &Value) -> nix::Result<()> {
+fn try_send(path: &str, ev: &Value, fd: Option<BorrowedFd<'_>>) -> nix::Result<()> {
     let bytes = serde_json::to_vec(ev).unwrap_or_default();
     if bytes.is_empty() || bytes.len() > MAX_EVENT {
         return Ok(());
     }
+    let passing = fd;
     let addr = UnixAddr::new(path)?;
-    let fd = socket(
+    let sock = socket(
         AddressFamily::Unix,
         SockType::Stream,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
-    // A new connection's send buffer is empty: a few hundred bytes go in whole, at once.
-    send(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &bytes,
+    connect(sock.as_raw_fd(), &addr)?;
+    // A new connection's send buffer is empty: a few hundred bytes go in whole, at once. An
+    // attached descriptor travels with them; from here on the agent's end holds the socket.
+    let attached = passing.map(|p| [p.as_raw_fd()]);
+    let cmsg: Vec<ControlMessage> = attached
+        .as_ref()
+        .map(|a| ControlMessage::ScmRights(a))
+        .into_iter()
+        .collect();
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(&bytes)],
+        &cmsg,
         MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        None,
     )?;
     Ok(())
 }
@@ -94,6 +111,6 @@ mod tests {
         r.error_code = None;
         assert_eq!(event(&r, Duration::ZERO)["outcome"], "ok");
         // No agent: nothing happens, nothing fails.
-        send_event("/nonexistent/events.sock", &event(&r, Duration::ZERO));
+        send_event("/nonexistent/events.sock", &event(&r, Duration::ZERO), None);
     }
 }

@@ -8,7 +8,8 @@
 
 use crate::nft_text;
 use crate::nftnl_ext::{
-    self, CtZoneSet, Elem, Exclusive, HtonU32, KeyType, Lookup, NamedSet, Redir, SetElems, Tproxy,
+    self, CtZoneSet, Elem, Exclusive, HtonU32, KeyType, Lookup, NamedSet, NoAck, Redir, SetElems,
+    Tproxy,
 };
 use crate::policy::Passthrough6;
 use crate::route::{self, Obj, Routing, Rtnl};
@@ -18,7 +19,7 @@ use crate::ruleset::{
 use nftnl::expr::{self, CmpOp, Immediate, Meta, Payload, Register, Verdict};
 use nftnl::nftnl_sys::libc;
 use nftnl::{
-    Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, Policy, ProtoFamily, Rule, Table,
+    Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule, Table,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
@@ -403,6 +404,8 @@ fn ip_bytes(a: &IpAddr) -> Vec<u8> {
 struct Built {
     batch: FinalizedBatch,
     what: Vec<String>,
+    /// Committed, it releases objects (it deletes a table): see [`Linger`].
+    releases: bool,
 }
 
 impl Built {
@@ -447,73 +450,131 @@ enum Replace {
     Replace,
 }
 
-fn replace_batch(rs: &Ruleset, how: Replace, name: &str) -> Built {
-    let table = Table::new(cstring(name), FAMILY);
-    let mut batch = Batch::new();
-    let mut what = Vec::new();
-    match how {
-        Replace::Create => {
-            batch.add(&Exclusive(&table), MsgType::Add);
-            what.push(format!("table inet {name} (create)"));
-        }
-        Replace::Replace => {
-            batch.add(&table, MsgType::Add);
-            what.push(format!("table inet {name} (make sure it exists)"));
-            batch.add(&table, MsgType::Del);
-            what.push(format!("table inet {name} (delete the old one)"));
-            batch.add(&table, MsgType::Add);
-            what.push(format!("table inet {name}"));
+/// Adds messages to a batch, each without `NLM_F_ACK` but the last (see [`NoAck`]), and
+/// records what each one is.
+struct Messages {
+    batch: Batch,
+    what: Vec<String>,
+    /// Messages still to add, this one included.
+    left: usize,
+}
+
+impl Messages {
+    fn new(total: usize) -> Messages {
+        Messages {
+            batch: Batch::new(),
+            what: Vec::with_capacity(total),
+            left: total,
         }
     }
+
+    fn add<T: NlMsg>(&mut self, msg: &T, ty: MsgType, what: String) {
+        self.left = self.left.saturating_sub(1);
+        if self.left == 0 {
+            self.batch.add(msg, ty);
+        } else {
+            self.batch.add(&NoAck(msg), ty);
+        }
+        self.what.push(what);
+    }
+
+    fn finish(self, releases: bool) -> Built {
+        debug_assert_eq!(self.left, 0, "the message count was computed wrong");
+        Built {
+            batch: self.batch.finalize(),
+            what: self.what,
+            releases,
+        }
+    }
+}
+
+fn replace_batch(rs: &Ruleset, how: Replace, name: &str) -> Built {
+    let table = Table::new(cstring(name), FAMILY);
     let ids = set_ids(rs);
-    for s in &rs.sets {
-        let (key, interval, elems) = encode_elems(&s.elems);
+    let sets: Vec<_> = rs
+        .sets
+        .iter()
+        .map(|s| (s, encode_elems(&s.elems)))
+        .collect();
+    let total = match how {
+        Replace::Create => 1,
+        Replace::Replace => 3,
+    } + sets
+        .iter()
+        .map(|(_, (_, _, e))| 1 + nftnl_ext::elem_chunks(e.len()))
+        .sum::<usize>()
+        + rs.chains.len()
+        + rs.chains.iter().map(|c| c.rules.len()).sum::<usize>();
+    let mut m = Messages::new(total);
+    match how {
+        Replace::Create => {
+            m.add(
+                &Exclusive(&table),
+                MsgType::Add,
+                format!("table inet {name} (create)"),
+            );
+        }
+        Replace::Replace => {
+            m.add(
+                &table,
+                MsgType::Add,
+                format!("table inet {name} (make sure it exists)"),
+            );
+            m.add(
+                &table,
+                MsgType::Del,
+                format!("table inet {name} (delete the old one)"),
+            );
+            m.add(&table, MsgType::Add, format!("table inet {name}"));
+        }
+    }
+    for (s, (key, interval, elems)) in &sets {
         let id = ids.get(s.name).copied().unwrap_or(0);
         let name = cstring(s.name);
-        batch.add(
-            &NamedSet::new(&table, &name, id, key, interval),
+        m.add(
+            &NamedSet::new(&table, &name, id, *key, *interval),
             MsgType::Add,
+            format!("set {}", s.name),
         );
-        what.push(format!("set {}", s.name));
-        for (part, msg) in SetElems::chunks(&table, &name, id, &elems).enumerate() {
-            batch.add(&msg, MsgType::Add);
-            what.push(format!("elements of set {} (message {})", s.name, part + 1));
+        for (part, msg) in SetElems::chunks(&table, &name, id, elems).enumerate() {
+            m.add(
+                &msg,
+                MsgType::Add,
+                format!("elements of set {} (message {})", s.name, part + 1),
+            );
         }
     }
     let chains: Vec<Chain> = rs.chains.iter().map(|c| make_chain(&table, c)).collect();
     for (c, chain) in rs.chains.iter().zip(&chains) {
-        batch.add(chain, MsgType::Add);
-        what.push(format!("chain {}", c.name));
+        m.add(chain, MsgType::Add, format!("chain {}", c.name));
     }
     for (c, chain) in rs.chains.iter().zip(&chains) {
         for (i, r) in c.rules.iter().enumerate() {
-            batch.add(&compile_rule(chain, r, &ids), MsgType::Add);
-            what.push(format!(
-                "rule {} of chain {} (`{}`)",
-                i + 1,
-                c.name,
-                nft_text::rule(r)
-            ));
+            m.add(
+                &compile_rule(chain, r, &ids),
+                MsgType::Add,
+                format!(
+                    "rule {} of chain {} (`{}`)",
+                    i + 1,
+                    c.name,
+                    nft_text::rule(r)
+                ),
+            );
         }
     }
-    Built {
-        batch: batch.finalize(),
-        what,
-    }
+    m.finish(how == Replace::Replace)
 }
 
 fn delete_batch(name: &str) -> Built {
     let table = Table::new(cstring(name), FAMILY);
-    let mut batch = Batch::new();
-    batch.add(&table, MsgType::Add);
-    batch.add(&table, MsgType::Del);
-    Built {
-        batch: batch.finalize(),
-        what: vec![
-            format!("table inet {name} (make sure it exists)"),
-            format!("table inet {name} (delete)"),
-        ],
-    }
+    let mut m = Messages::new(2);
+    m.add(
+        &table,
+        MsgType::Add,
+        format!("table inet {name} (make sure it exists)"),
+    );
+    m.add(&table, MsgType::Del, format!("table inet {name} (delete)"));
+    m.finish(true)
 }
 
 /// `nft`'s names for table flags.
@@ -571,6 +632,8 @@ impl Drift {
 /// policy routing or `::6` on `lo` is involved.
 pub struct Kernel {
     sock: nftnl_ext::Socket,
+    /// A commit through this socket released objects: its close will wait (see [`Linger`]).
+    released: bool,
     routing: Option<RoutingSocket>,
     /// The table this socket manages: `mesh_redirect`, or another tool's of its own (the
     /// bypass probe's), so that neither can touch the other's.
@@ -579,23 +642,81 @@ pub struct Kernel {
 
 struct RoutingSocket {
     rtnl: Rtnl,
-    ipv6: bool,
+    /// Whether IPv6 is on in the namespace, if asked (see [`Sockets`]).
+    ipv6: Option<bool>,
 }
 
-/// What rtnetlink objects a ruleset wants beside its table.
-fn rtnl_objects(rs: &Ruleset, ipv6: bool) -> (Routing, Vec<Obj>) {
-    let r = rs.routing.unwrap_or(Routing {
-        mark: crate::ruleset::TPROXY_MARK,
-        table: crate::ruleset::TPROXY_TABLE,
-    });
+/// The netfilter socket of a commit that released objects (a replace, a delete), kept open.
+///
+/// Releasing such a socket waits: nf_tables' netlink notifier flushes the transaction-destroy
+/// work, which frees the released objects only after an RCU grace period (10-15 ms on an idle
+/// node with lazy RCU). The commit itself is done; only the freeing is pending. A `Linger`
+/// lets the plugin hand the socket to the node agent, which can afford the wait, instead of
+/// making the runtime wait for it; dropped, it closes here and waits as before.
+#[derive(Debug, Default)]
+#[must_use = "dropped, it closes the socket and waits; hand it over instead"]
+pub struct Linger(Option<std::os::fd::OwnedFd>);
+
+impl Linger {
+    /// The descriptor to hand over, if the release would wait.
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.0.as_ref().map(|f| f.as_fd())
+    }
+}
+
+/// Which sockets a job opens in the pod's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sockets {
+    /// The netfilter socket only.
+    Netfilter,
+    /// Also rtnetlink, and whether IPv6 is on (read from the namespace's own `/proc` while
+    /// inside it: TPROXY's IPv6 rule and route, DEL and CHECK need to know).
+    Routing,
+    /// Also rtnetlink, without asking about IPv6: installing only `::6` learns it from the
+    /// kernel's answer to the add (`EACCES` with IPv6 off), which saves a `/proc` read per ADD.
+    RoutingAnswerTells,
+}
+
+impl Sockets {
+    /// What installing `rs` needs.
+    pub fn to_install(rs: &Ruleset) -> Sockets {
+        if !rs.needs_rtnetlink() {
+            Sockets::Netfilter
+        } else if rs.routing.is_some() {
+            Sockets::Routing
+        } else {
+            Sockets::RoutingAnswerTells
+        }
+    }
+
+    /// What comparing the kernel with `rs` needs.
+    pub fn to_compare(rs: &Ruleset) -> Sockets {
+        if rs.needs_rtnetlink() {
+            Sockets::Routing
+        } else {
+            Sockets::Netfilter
+        }
+    }
+}
+
+/// The errors an IPv6 address add gets when IPv6 is off in the namespace: disabled on the
+/// device (`EACCES`) or not in the kernel at all (`EAFNOSUPPORT`).
+fn ipv6_is_off(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAFNOSUPPORT))
+}
+
+/// What rtnetlink objects a ruleset wants beside its table. `ipv6` unknown: `::6` is tried.
+fn rtnl_objects(rs: &Ruleset, ipv6: Option<bool>) -> (Routing, Vec<Obj>) {
+    let r = rs.routing.unwrap_or_default();
     let mut objs = match rs.routing {
-        Some(r) => r.objects(ipv6),
+        Some(r) => r.objects(ipv6.unwrap_or(false)),
         None => Vec::new(),
     };
     let want6 = match rs.passthrough6 {
         Passthrough6::No => false,
         Passthrough6::Yes => true,
-        Passthrough6::IfIpv6Enabled => ipv6,
+        Passthrough6::IfIpv6Enabled => ipv6 != Some(false),
     };
     if want6 {
         objs.push(Obj::Passthrough6);
@@ -613,18 +734,21 @@ impl Kernel {
     pub fn open_table(name: &'static str) -> Result<Kernel, KernelError> {
         Ok(Kernel {
             sock: nftnl_ext::Socket::open().map_err(KernelError::Socket)?,
+            released: false,
             routing: None,
             table: name,
         })
     }
 
-    /// Also opens the rtnetlink socket (and reads whether IPv6 is on), in the same namespace.
-    pub fn open_with_routing() -> Result<Kernel, KernelError> {
+    /// Opens `which` sockets in the calling thread's current network namespace.
+    pub fn open_sockets(which: Sockets) -> Result<Kernel, KernelError> {
         let mut k = Kernel::open()?;
-        k.routing = Some(RoutingSocket {
-            rtnl: Rtnl::open().map_err(KernelError::Socket)?,
-            ipv6: route::ipv6_enabled(),
-        });
+        if which != Sockets::Netfilter {
+            k.routing = Some(RoutingSocket {
+                rtnl: Rtnl::open().map_err(KernelError::Socket)?,
+                ipv6: (which == Sockets::Routing).then(route::ipv6_enabled),
+            });
+        }
         Ok(k)
     }
 
@@ -646,6 +770,14 @@ impl Kernel {
             match sock.rtnl.add(&r, o) {
                 Ok(true) => added.push(o),
                 Ok(false) => {}
+                // Asked without knowing: IPv6 is off, so there is no `::6` to add.
+                Err(err)
+                    if o == Obj::Passthrough6
+                        && rs.passthrough6 == Passthrough6::IfIpv6Enabled
+                        && ipv6_is_off(&err) =>
+                {
+                    sock.ipv6 = Some(false);
+                }
                 Err(err) => {
                     for a in added.iter().rev() {
                         let _ = sock.rtnl.del(&r, *a);
@@ -670,10 +802,26 @@ impl Kernel {
         }
     }
 
+    /// Closes the sockets, keeping a second descriptor of the netfilter socket if its release
+    /// would wait (see [`Linger`]): this close is then immediate.
+    pub fn close_lingering(self) -> Linger {
+        if self.released {
+            // Without a second descriptor the close below waits, as it always did.
+            Linger(self.sock.dup_fd().ok())
+        } else {
+            Linger(None)
+        }
+    }
+
     fn send(&mut self, built: &Built) -> Result<(), KernelError> {
-        let errors = self.sock.send_batch(&built.batch, built.message_seqs())?;
+        let errors = self
+            .sock
+            .send_batch(&built.batch, built.message_seqs().end - 1)?;
         match errors.into_iter().next() {
-            None => Ok(()),
+            None => {
+                self.released |= built.releases;
+                Ok(())
+            }
             Some(e) => Err(KernelError::Refused {
                 what: built.describe(e.seq),
                 err: e.err,
@@ -733,18 +881,16 @@ impl Kernel {
         }
         if self.routing.is_some() {
             let rs = self.routing_socket()?;
-            let objs = routing.map(|r| r.objects(rs.ipv6)).unwrap_or_default();
-            let r = routing.copied().unwrap_or(Routing {
-                mark: crate::ruleset::TPROXY_MARK,
-                table: crate::ruleset::TPROXY_TABLE,
-            });
+            let ipv6 = *rs.ipv6.get_or_insert(true);
+            let objs = routing.map(|r| r.objects(ipv6)).unwrap_or_default();
+            let r = routing.copied().unwrap_or_default();
             for o in objs.into_iter().rev() {
                 rs.rtnl.del(&r, o).map_err(|err| KernelError::Refused {
                     what: format!("removing {}", r.describe(o)),
                     err,
                 })?;
             }
-            if rs.ipv6 && rs.rtnl.passthrough6()? == Some(true) {
+            if ipv6 && rs.rtnl.passthrough6()? == Some(true) {
                 rs.rtnl
                     .del(&r, Obj::Passthrough6)
                     .map_err(|err| KernelError::Refused {

@@ -267,6 +267,27 @@ unsafe impl<T: NlMsg> NlMsg for Exclusive<'_, T> {
     }
 }
 
+/// Sends `T`'s message without `NLM_F_ACK`. The kernel still answers a refused message (it
+/// reports errors whatever the flags), so a batch acks only its last message: one reply and one
+/// `recvmsg` per batch on success instead of one per message.
+pub(crate) struct NoAck<'a, T>(pub &'a T);
+
+unsafe impl<T: NlMsg> NlMsg for NoAck<'_, T> {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        // SAFETY: as for `Exclusive`: `T` wrote its header at the start of `buf`, aligned.
+        unsafe {
+            self.0.write(buf, seq, msg_type);
+            let h = buf.cast::<mlibc::nlmsghdr>();
+            (*h).nlmsg_flags &= !(libc::NLM_F_ACK as u16);
+        }
+    }
+}
+
+/// How many element messages [`SetElems::chunks`] makes of `n` elements.
+pub(crate) fn elem_chunks(n: usize) -> usize {
+    n.div_ceil(ELEMS_PER_MESSAGE)
+}
+
 fn expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
     alloc(unsafe { sys::nftnl_expr_alloc(name.as_ptr()) })
 }
@@ -638,12 +659,27 @@ impl Socket {
         })
     }
 
-    /// Sends a finalized batch and waits for a reply to every message in `awaited`.
+    /// A second descriptor of this socket (close-on-exec): the socket is released only when
+    /// both are closed.
+    pub fn dup_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        // SAFETY: fcntl on our own open socket; F_DUPFD_CLOEXEC returns a new descriptor (or
+        // -1), which nothing else owns, so the OwnedFd may close it.
+        unsafe {
+            let fd = libc::fcntl(self.sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(std::os::fd::FromRawFd::from_raw_fd(fd))
+        }
+    }
+
+    /// Sends a finalized batch and waits for the reply to message `last` (the one message sent
+    /// with `NLM_F_ACK`; refused messages are answered whatever their flags).
     /// Returns the error replies (empty: the kernel committed the batch).
     pub fn send_batch(
         &mut self,
         batch: &nftnl::FinalizedBatch,
-        awaited: std::ops::Range<u32>,
+        last: u32,
     ) -> io::Result<Vec<BatchError>> {
         // The kernel takes a batch only from one sendmsg (a batch split over several sends loses
         // its begin marker after the first), so the batch's pages go as one message's iovecs,
@@ -651,9 +687,10 @@ impl Socket {
         let pages: Vec<std::io::IoSlice> = batch.iter().map(std::io::IoSlice::new).collect();
         let len: usize = pages.iter().map(|p| p.len()).sum();
         self.grow_sndbuf(len);
-        // Every message is acked during the send; the acks must all fit in the receive buffer
-        // or the kernel drops them (ENOBUFS), and a committed batch would look failed.
-        self.grow_rcvbuf(awaited.len() * 1024);
+        // The replies arrive during the send (the kernel handles the batch in our sendmsg) and
+        // must fit in the receive buffer, or the kernel drops them (ENOBUFS) and a committed
+        // batch would look failed: room for an error reply per message, in case all fail.
+        self.grow_rcvbuf(batch.sequence_numbers().len() * 1024);
         let sent = nix::sys::socket::sendmsg::<()>(
             self.sock.as_raw_fd(),
             &pages,
@@ -665,16 +702,18 @@ impl Socket {
         if sent != len {
             return Err(io::Error::other("netlink sendmsg sent a partial batch"));
         }
-        let mut pending: std::collections::BTreeSet<u32> = awaited.collect();
+        let mut pending = true;
         let mut errors = Vec::new();
-        while !pending.is_empty() {
+        while pending {
             let n = self.sock.recv_raw(self.buf.bytes())?;
             for msg in mnl::NlMessages::new(&self.buf.bytes()[..n]) {
                 let msg = msg?;
                 let Some((seq, errno)) = parse_ack(msg) else {
                     continue;
                 };
-                pending.remove(&seq);
+                if seq == last {
+                    pending = false;
+                }
                 if errno != 0 {
                     errors.push(BatchError {
                         seq,

@@ -1,13 +1,12 @@
 //! The CNI verbs: stdin/env → config → policy → ruleset → kernel, one way.
 
 use crate::config::{self, LogLevel, PluginConfig};
-use crate::kernel::Kernel;
+use crate::kernel::{Kernel, Linger, Sockets};
 use crate::log::Record;
 use crate::netns::Netns;
 use crate::pod::{self, PodPlan};
 use crate::policy::{self, Decision, Pod};
 use crate::protocol::{self, CniError, Command, Env, code};
-use crate::route;
 use crate::ruleset::{self, Ruleset};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -39,6 +38,7 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
     };
     let mut version = protocol::LATEST.to_string();
     let mut events: Option<String> = None;
+    let mut linger = Linger::default();
     let result = invoke(
         &get_env,
         stdin,
@@ -46,6 +46,7 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
         &mut log,
         &mut version,
         &mut events,
+        &mut linger,
     );
     let out = match result {
         Ok(stdout) => Output { stdout, ok: true },
@@ -61,8 +62,11 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
     let elapsed = start.elapsed();
     crate::log::emit(log.file.as_deref(), log.level, &rec, elapsed);
     if let Some(path) = events {
-        crate::events::send_event(&path, &crate::events::event(&rec, elapsed));
+        // The agent also takes the socket whose release would make us wait (DEL, re-ADD).
+        crate::events::send_event(&path, &crate::events::event(&rec, elapsed), linger.fd());
     }
+    // Handed over, this close is immediate; otherwise it waits for the kernel here.
+    drop(linger);
     out
 }
 
@@ -73,6 +77,7 @@ fn invoke(
     log: &mut LogTarget,
     version: &mut String,
     events: &mut Option<String>,
+    linger: &mut Linger,
 ) -> Result<Option<Value>, CniError> {
     rec.command = get_env("CNI_COMMAND").unwrap_or_default();
     let env = Env::from_lookup(get_env)?;
@@ -99,9 +104,9 @@ fn invoke(
         log.level = c.log_level;
     }
     match env.command {
-        Command::Add => add(&env, &conf, cfg?, rec, version),
+        Command::Add => add(&env, &conf, cfg?, rec, version, linger),
         Command::Check => check(&env, &conf, cfg?, rec, version),
-        Command::Del => del(&env, &conf, cfg, rec).map(|()| None),
+        Command::Del => del(&env, &conf, cfg, rec, linger).map(|()| None),
         Command::Gc => {
             rec.decision = "nothing to collect: all state lives in pod namespaces".into();
             Ok(None)
@@ -151,13 +156,14 @@ fn add(
     cfg: PluginConfig,
     rec: &mut Record,
     version: &str,
+    linger: &mut Linger,
 ) -> Result<Option<Value>, CniError> {
     let out = result(conf, version, Command::Add)?;
     match plan(env, conf, &cfg)? {
         PodPlan::Capture(rs) => {
             rec.rules = Some(rs.rule_count());
             rec.set_elements = Some(rs.sets.iter().map(|s| s.elems.len()).sum());
-            pod::apply(Path::new(&env.netns), &rs)?;
+            *linger = pod::apply(Path::new(&env.netns), &rs)?;
             rec.decision = "captured".into();
         }
         PodPlan::Skip(why) => rec.decision = format!("skipped: {why}"),
@@ -177,7 +183,9 @@ fn check(
     let diffs = match &planned {
         PodPlan::Capture(rs) => pod::diff(Path::new(&env.netns), rs)?.differences,
         PodPlan::Skip(why)
-            if pod::in_netns_at(Path::new(&env.netns), false, |k| k.table_exists())? =>
+            if pod::in_netns_at(Path::new(&env.netns), Sockets::Netfilter, |k| {
+                k.table_exists()
+            })? =>
         {
             vec![format!(
                 "table inet {} exists but the pod is not captured ({why})",
@@ -204,6 +212,7 @@ fn del(
     conf: &Map<String, Value>,
     cfg: Result<PluginConfig, CniError>,
     rec: &mut Record,
+    linger: &mut Linger,
 ) -> Result<(), CniError> {
     if env.netns.is_empty() {
         rec.decision = "nothing to delete: no netns given".into();
@@ -220,18 +229,14 @@ fn del(
     // What to remove besides the table: the TPROXY routing if this pod's plan had it, and
     // `::6` if we added it (it carries our mark). If the plan cannot be made (DEL must not
     // fail on config), the routing rule and route, which are unambiguously ours.
-    let (routing, rtnetlink) = match cfg.and_then(|c| plan(env, conf, &c)) {
-        Ok(PodPlan::Capture(rs)) => (rs.routing, rs.needs_rtnetlink()),
-        Ok(PodPlan::Skip(_)) => (None, false),
-        Err(_) => (
-            Some(route::Routing {
-                mark: ruleset::TPROXY_MARK,
-                table: ruleset::TPROXY_TABLE,
-            }),
-            true,
-        ),
+    let (routing, sockets) = match cfg.and_then(|c| plan(env, conf, &c)) {
+        Ok(PodPlan::Capture(rs)) => (rs.routing, Sockets::to_compare(&rs)),
+        Ok(PodPlan::Skip(_)) => (None, Sockets::Netfilter),
+        Err(_) => (Some(ruleset::Routing::default()), Sockets::Routing),
     };
-    rec.decision = if pod::in_netns(&ns, rtnetlink, |k| k.delete(routing.as_ref()))? {
+    let (existed, l) = pod::in_netns_lingering(&ns, sockets, |k| k.delete(routing.as_ref()))?;
+    *linger = l;
+    rec.decision = if existed {
         "deleted".into()
     } else {
         "nothing to delete: no table".into()

@@ -4,7 +4,7 @@
 //! comparison exactly a CHECK.
 
 use crate::config::PluginConfig;
-use crate::kernel::{Drift, Kernel, KernelError};
+use crate::kernel::{Drift, Kernel, KernelError, Linger, Sockets};
 use crate::netns::{Netns, NetnsError};
 use crate::policy::{self, Decision, Pod, Skip};
 use crate::protocol::{CniError, code};
@@ -45,39 +45,49 @@ pub fn kernel_error(e: KernelError) -> CniError {
     CniError::new(c, e.to_string())
 }
 
-/// Opens the netns at `path` and runs `f` with its sockets (rtnetlink too with `routing`).
+/// Opens the netns at `path` and runs `f` with `which` of its sockets.
 pub fn in_netns_at<T>(
     path: &Path,
-    routing: bool,
+    which: Sockets,
     f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
 ) -> Result<T, CniError> {
     let ns = Netns::open(path).map_err(netns_error)?;
-    in_netns(&ns, routing, f)
+    in_netns(&ns, which, f)
 }
 
-/// Runs `f` with the sockets of `ns` (rtnetlink too with `routing`).
+/// Runs `f` with `which` of the sockets of `ns`, and closes them (waiting, after a commit
+/// that released objects, for the kernel to free them: see [`Linger`]).
 pub fn in_netns<T>(
     ns: &Netns,
-    routing: bool,
+    which: Sockets,
     f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
 ) -> Result<T, CniError> {
+    in_netns_lingering(ns, which, f).map(|(t, _waits_here)| t)
+}
+
+/// [`in_netns`], returning the netfilter socket instead of waiting for its release.
+pub fn in_netns_lingering<T>(
+    ns: &Netns,
+    which: Sockets,
+    f: impl FnOnce(&mut Kernel) -> Result<T, KernelError>,
+) -> Result<(T, Linger), CniError> {
     // Only the sockets are created inside: netlink sockets stay bound to the namespace they
     // were created in, so the rest runs back in ours.
-    let open = if routing {
-        Kernel::open_with_routing
-    } else {
-        Kernel::open
-    };
-    let mut kernel = ns.run(open).map_err(netns_error)?.map_err(kernel_error)?;
-    f(&mut kernel).map_err(kernel_error)
+    let mut kernel = ns
+        .run(|| Kernel::open_sockets(which))
+        .map_err(netns_error)?
+        .map_err(kernel_error)?;
+    let t = f(&mut kernel).map_err(kernel_error)?;
+    Ok((t, kernel.close_lingering()))
 }
 
 /// Installs `rs` in the netns at `path` (ADD's one atomic batch).
-pub fn apply(path: &Path, rs: &Ruleset) -> Result<(), CniError> {
-    in_netns_at(path, rs.needs_rtnetlink(), |k| k.replace(rs))
+pub fn apply(path: &Path, rs: &Ruleset) -> Result<Linger, CniError> {
+    let ns = Netns::open(path).map_err(netns_error)?;
+    in_netns_lingering(&ns, Sockets::to_install(rs), |k| k.replace(rs)).map(|((), l)| l)
 }
 
 /// What differs between the netns's table and `rs` (CHECK's comparison).
 pub fn diff(path: &Path, rs: &Ruleset) -> Result<Drift, CniError> {
-    in_netns_at(path, rs.needs_rtnetlink(), |k| k.diff(rs))
+    in_netns_at(path, Sockets::to_compare(rs), |k| k.diff(rs))
 }

@@ -15,6 +15,7 @@
 //! up, an address, default routes: `Rtnl::link_up` and after).
 
 use crate::nftnl_ext::MsgBuf;
+pub use crate::ruleset::Routing;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -83,13 +84,7 @@ pub enum Obj {
     Passthrough6,
 }
 
-/// The TPROXY routing setup: which mark selects which table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Routing {
-    pub mark: u32,
-    pub table: u32,
-}
-
+// The rtnetlink side of the plan's TPROXY routing (the type itself is the ruleset's).
 impl Routing {
     /// The policy routing objects for this namespace, in the order they are added (removed
     /// in reverse).
@@ -181,6 +176,11 @@ fn u32_attr(a: &[(u16, &[u8])], ty: u16) -> Option<u32> {
         .map(u32::from_ne_bytes)
 }
 
+/// `lo`'s index in every network namespace: the kernel creates it first and checks that it got
+/// this index (`LOOPBACK_IFINDEX`; drivers/net/loopback.c stops if not). Known, so no lookup (which
+/// would cost another socket and an ioctl per ADD).
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
 /// An rtnetlink socket of the namespace it was opened in.
 pub struct Rtnl {
     sock: mnl::Socket,
@@ -190,16 +190,15 @@ pub struct Rtnl {
 }
 
 impl Rtnl {
-    /// Opens the socket; call inside the target namespace (it also resolves `lo` there).
+    /// Opens the socket; call inside the target namespace.
     pub fn open() -> io::Result<Rtnl> {
-        let lo = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)?;
         let sock = mnl::Socket::new(mnl::Bus::Route)?;
         crate::nftnl_ext::set_recv_timeout(&sock, 10);
         Ok(Rtnl {
             sock,
             buf: MsgBuf::new(),
             seq: 1,
-            lo,
+            lo: LOOPBACK_IFINDEX,
         })
     }
 

@@ -8,7 +8,6 @@
 use crate::policy::{
     Cidrs, DnsShape, Inbound, Loopback, Mode, OutboundRanges, Passthrough6, Plan, Ports,
 };
-pub use crate::route::Routing;
 use ipnet::{Ipv4Net, Ipv6Net};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -215,6 +214,23 @@ pub const SET_REROUTE_IFACES: &str = "reroute_ifaces";
 /// The TPROXY mark (Istio's): marks diverted packets and selects routing table 133.
 pub const TPROXY_MARK: u32 = 1337;
 pub const TPROXY_TABLE: u32 = 133;
+
+/// The TPROXY routing setup: which mark selects which table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routing {
+    pub mark: u32,
+    pub table: u32,
+}
+
+/// The one TPROXY setup we install (and, when a pod's plan cannot be made, remove).
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            mark: TPROXY_MARK,
+            table: TPROXY_TABLE,
+        }
+    }
+}
 /// Marks the proxy's own calls to the pod's address over lo, so TPROXY captures them inbound.
 pub const PROXY_LOOPBACK_MARK: u32 = 1338;
 /// Conntrack zones keeping the two legs of a captured DNS lookup apart (Istio's numbers).
@@ -445,10 +461,7 @@ pub fn build(plan: &Plan) -> Ruleset {
                 ));
             }
             chains.extend(inbound);
-            Some(Routing {
-                mark: TPROXY_MARK,
-                table: TPROXY_TABLE,
-            })
+            Some(Routing::default())
         }
     };
     chains.extend(outbound_chains(&mut b, plan, &ifaces));

@@ -96,6 +96,73 @@ fn a_burst_of_100_concurrent_adds_is_counted_exactly() {
     );
 }
 
+/// How many of `pid`'s descriptors are netlink sockets of `ns` (their inodes, from
+/// `/proc/PID/fd`, listed in the namespace's `/proc/net/netlink`).
+fn netlink_fds_of(pid: u32, ns: &Netns) -> usize {
+    let table = ns.exec(&["cat", "/proc/net/netlink"]);
+    let inodes: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|t| {
+                    let t = t.to_string_lossy().to_string();
+                    Some(
+                        t.strip_prefix("socket:[")?
+                            .trim_end_matches(']')
+                            .to_string(),
+                    )
+                })
+                .filter(|i| inodes.contains(&i.as_str()))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn del_hands_the_socket_whose_release_waits_to_the_agent_which_closes_it() {
+    let a = Agent::start();
+    let released = "mesh_redirect_plugin_sockets_released_total";
+    let ns = Netns::new("mrt-linger-");
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    let conf = plugin_conf(json!({STATUS: "{}"}), json!({"eventSocket": &a.socket}));
+    let call = |cmd: &str| invoke(cmd, &ns.path(), conf.to_string().as_bytes(), &[]);
+    // A first ADD only adds objects: its socket closes at once, nothing to hand over.
+    assert!(call("ADD").0);
+    a.wait_value(
+        r#"mesh_redirect_plugin_duration_seconds_count{command="ADD"}"#,
+        1.0,
+    );
+    assert_eq!(a.value(released), 0.0);
+    // A re-ADD replaces the table and a DEL deletes it: both release objects.
+    assert!(call("ADD").0);
+    let (ok, out) = call("DEL");
+    assert!(ok, "{out}");
+    assert!(!ns.has_table(), "the table is gone when DEL returns");
+    a.wait_value(released, 2.0);
+    // And the agent closes what it took.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while netlink_fds_of(a.child.id(), &ns) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        netlink_fds_of(a.child.id(), &ns),
+        0,
+        "the agent keeps none of the pod's sockets"
+    );
+    // With nobody listening, DEL closes its socket itself and still succeeds.
+    assert!(call("ADD").0);
+    let gone = plugin_conf(
+        json!({STATUS: "{}"}),
+        json!({"eventSocket": "/nonexistent/events.sock"}),
+    );
+    let (ok, out) = invoke("DEL", &ns.path(), gone.to_string().as_bytes(), &[]);
+    assert!(ok && !ns.has_table(), "{out}");
+}
+
 #[test]
 fn garbage_floods_and_a_replaced_socket_change_no_count_and_block_nothing() {
     let a = Agent::start();

@@ -448,3 +448,34 @@ fn a_kuma_2x_delegated_gateway_captures_outbound_and_dns_only() {
         format!("proxy:15006 orig={}", hp(p4, 8080))
     );
 }
+
+#[test]
+fn ipv6_off_in_the_pods_namespace_means_no_passthrough6_and_every_verb_agrees() {
+    // Kuma's dual-stack mode asks for `::6` when IPv6 is on in the pod: the plugin learns that
+    // from the kernel's answer to the add, so a namespace with IPv6 off must still ADD cleanly.
+    let tmp = TempDir::new();
+    let mut list = conflist(tmp.path(), "1.0.0", json!({"mesh": "kuma"}));
+    list["plugins"][0]["ipam"]["ranges"] = json!([[{"subnet": SUBNET4}]]);
+    list["plugins"][0]["ipam"]["routes"] = json!([{"dst": "0.0.0.0/0"}]);
+    let ann = json!({INJECTED: "true", CONFIG: HELM_DEFAULTS});
+    let pod = Pod::from_list(list, tmp, Some(ann), "default").unwrap_or_else(|e| panic!("{e}"));
+    let lo6 = |p: &Pod| p.pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"]);
+    assert!(lo6(&pod).contains("::6/128"), "IPv6 on: `::6` added");
+    pod.del().expect("DEL");
+    assert!(!lo6(&pod).contains("::6/128"), "DEL removes it");
+    for k in ["all", "default", "lo"] {
+        pod.pod.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{k}.disable_ipv6=1"),
+        ]);
+    }
+    pod.plugin("ADD", &pod.mesh_conf())
+        .expect("ADD with IPv6 off in the pod");
+    assert!(pod.pod.has_table());
+    assert!(!lo6(&pod).contains("::6"), "{}", lo6(&pod));
+    pod.plugin("CHECK", &pod.mesh_conf())
+        .expect("CHECK agrees: no `::6` expected");
+    pod.plugin("DEL", &pod.mesh_conf()).expect("DEL");
+    assert!(!pod.pod.has_table());
+}

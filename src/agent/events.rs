@@ -1,5 +1,6 @@
 //! The agent's end of the plugin's events: a unix stream socket in a host directory only root
-//! can reach, one event per connection, counted into the metrics. Anything else that arrives —
+//! can reach, one event per connection, counted into the metrics; a netlink socket that comes
+//! with an event is closed on a thread of its own (see [`Release`]). Anything else that arrives —
 //! garbage, an oversized or endless stream, a flood of connections — is counted as rejected and
 //! never blocks or stops the agent; a socket file removed or replaced is put back. One agent
 //! owns the socket (see [`Owner`]).
@@ -10,14 +11,16 @@ use super::log;
 use super::metrics::{Command, Invocation, Kind};
 use crate::events::MAX_EVENT;
 use nix::fcntl::{Flock, FlockArg};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use serde_json::{Value, json};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::Interest;
 use tokio::net::UnixListener;
 
 /// How long a connection may take to deliver its event.
@@ -95,15 +98,49 @@ pub fn count(st: &Shared, bytes: &[u8]) {
     }
 }
 
+/// Descriptors one event may carry (the plugin sends at most one); more are dropped by the
+/// kernel (`MSG_CTRUNC`).
+const MAX_FDS: usize = 4;
+
+/// One `recvmsg` on the event connection: the bytes read, and the descriptors that came with
+/// them (close-on-exec).
+fn recv_with_fds(s: &tokio::net::UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<RawFd>)> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        s.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(f) = c {
+            fds.extend(f);
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
 /// Reads one connection's event: up to `MAX_EVENT` bytes until EOF, within `READ_TIMEOUT`.
-async fn one(st: Arc<Shared>, mut s: tokio::net::UnixStream) {
+/// A descriptor that comes with it (a netlink socket whose release waits for the kernel, see
+/// `kernel::Linger`) goes to `release`, whatever becomes of the event.
+async fn one(st: Arc<Shared>, s: tokio::net::UnixStream, release: Release) {
     let mut buf = Vec::with_capacity(512);
     let read = async {
         let mut chunk = [0u8; 1024];
         loop {
-            let n = s.read(&mut chunk).await?;
+            s.readable().await?;
+            let (n, fds) = match s.try_io(Interest::READABLE, || recv_with_fds(&s, &mut chunk)) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            for fd in fds {
+                release.take(&st, fd);
+            }
             if n == 0 {
-                return Ok::<bool, std::io::Error>(true);
+                return Ok::<bool, io::Error>(true);
             }
             if buf.len() + n > MAX_EVENT {
                 return Ok(false);
@@ -115,6 +152,41 @@ async fn one(st: Arc<Shared>, mut s: tokio::net::UnixStream) {
         Ok(Ok(true)) => count(&st, &buf),
         Ok(Ok(false)) => reject(&st, "oversized"),
         Ok(Err(_)) | Err(_) => reject(&st, "incomplete"),
+    }
+}
+
+/// Closes the descriptors the plugin hands over, on a thread of its own: each close may wait
+/// for an RCU grace period (milliseconds), which must hold up neither the event loop nor the
+/// plugin. One after another is enough: once one wait is over, the sockets that queued behind
+/// it mostly find their kernel work done and close at once.
+#[derive(Clone)]
+struct Release(std::sync::mpsc::Sender<RawFd>);
+
+impl Release {
+    fn start() -> Release {
+        let (tx, rx) = std::sync::mpsc::channel::<RawFd>();
+        let spawned = std::thread::Builder::new()
+            .name("release".into())
+            .spawn(move || {
+                for fd in rx {
+                    let _ = nix::unistd::close(fd);
+                }
+            });
+        if let Err(e) = spawned {
+            log(
+                "warn",
+                "no thread to release the plugin's sockets: they are closed on the event loop",
+                json!({"error": e.to_string()}),
+            );
+        }
+        Release(tx)
+    }
+
+    fn take(&self, st: &Shared, fd: RawFd) {
+        st.metrics.sockets_released.inc();
+        if let Err(std::sync::mpsc::SendError(fd)) = self.0.send(fd) {
+            let _ = nix::unistd::close(fd);
+        }
     }
 }
 
@@ -249,6 +321,7 @@ impl Owner {
 
 async fn serve_owned(st: Arc<Shared>, path: PathBuf) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
+    let release = Release::start();
     loop {
         let listener = match bind(&path).and_then(UnixListener::from_std) {
             Ok(l) => l,
@@ -270,9 +343,9 @@ async fn serve_owned(st: Arc<Shared>, path: PathBuf) {
                 conn = listener.accept() => match conn {
                     Ok((s, _)) => {
                         let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                        let st = st.clone();
+                        let (st, release) = (st.clone(), release.clone());
                         tokio::spawn(async move {
-                            one(st, s).await;
+                            one(st, s, release).await;
                             drop(permit);
                         });
                     }

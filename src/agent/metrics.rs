@@ -65,6 +65,7 @@ pub struct Metrics {
     pub ready: Gauge,
     pub http_rejected: Family<Listener, Counter>,
     pub event_socket_owned: Gauge,
+    pub sockets_released: Counter,
     pub capture_bypass: Gauge,
 }
 
@@ -118,6 +119,7 @@ impl Metrics {
             ready: Gauge::default(),
             http_rejected: Family::default(),
             event_socket_owned: Gauge::default(),
+            sockets_released: Counter::default(),
             capture_bypass: Gauge::default(),
         };
         r.register(
@@ -194,6 +196,12 @@ impl Metrics {
             "event_socket_owned",
             "1 while this agent owns the event socket (another agent holding it: 0, waiting)",
             m.event_socket_owned.clone(),
+        );
+        r.register(
+            "plugin_sockets_released",
+            "Netlink sockets the plugin handed over with its event for the agent to close, so \
+             that a DEL need not wait for the kernel to free the table",
+            m.sockets_released.clone(),
         );
         r.register(
             "capture_bypass",

@@ -16,6 +16,7 @@ use super::metrics::{Kind, POD_STATES, Result_, State};
 use super::readiness::{NotReady, Reconcile};
 use super::sandbox_netns::{self, LocateError};
 use crate::config::{Annotations, PluginConfig};
+use crate::kernel::Sockets;
 use crate::log::{Component, line};
 use crate::pod::{self, PodPlan};
 use crate::policy::Pod;
@@ -399,8 +400,7 @@ impl Reconciler {
                 });
             }
         };
-        let routing = rs.needs_rtnetlink();
-        let drift = match pod::in_netns(&ns, routing, |k| k.diff(&rs)) {
+        let drift = match pod::in_netns(&ns, Sockets::to_compare(&rs), |k| k.diff(&rs)) {
             Ok(d) => d,
             Err(e) => {
                 let mut extra =
@@ -431,7 +431,7 @@ impl Reconciler {
         // A pod its mesh's own CNI or init container captured (before mesh-redirect was
         // installed, while migrating) keeps those rules: adding ours would make two layers.
         if drift.table_missing()
-            && let Ok(Some(f)) = pod::in_netns(&ns, false, |k| k.foreign_capture())
+            && let Ok(Some(f)) = pod::in_netns(&ns, Sockets::Netfilter, |k| k.foreign_capture())
         {
             let why = format!(
                 "captured by {}'s own rules ({}): left alone, as a second capture layer would \
@@ -452,7 +452,7 @@ impl Reconciler {
         if !self.still_ready(&sb.id)? {
             return Ok(Outcome::Gone);
         }
-        match pod::in_netns(&ns, routing, |k| k.replace(&rs)) {
+        match pod::in_netns(&ns, Sockets::to_install(&rs), |k| k.replace(&rs)) {
             Ok(()) => {
                 self.reported.remove(&sb.id);
                 log(
@@ -469,7 +469,7 @@ impl Reconciler {
             }
             Err(e) => {
                 // The table may have become someone's own between the look and the write.
-                if matches!(pod::in_netns(&ns, false, |k| k.diff(&rs)), Ok(d) if d.owned_by_another())
+                if matches!(pod::in_netns(&ns, Sockets::to_compare(&rs), |k| k.diff(&rs)), Ok(d) if d.owned_by_another())
                 {
                     return Ok(self.defended(sb, &who, &netns, issue));
                 }
