@@ -11,6 +11,8 @@
 #   policy    ADD and apply time against the number of excluded CIDRs / ports
 #   datapath  new-connection latency and rate through the redirect (loopback, in a pod netns)
 #   profile   where one ADD spends its time
+#   churn     ADD while other pods are being DELeted, against quiet ADDs, and which kind of
+#             nf_tables destroy work this kernel has (per namespace, or one global item)
 # Prints Markdown tables, and writes them with the raw numbers (CSV, JSON) to
 # bench-results/<UTC time>/ (bench-results/latest points to the last run).
 #
@@ -18,7 +20,7 @@
 #                                     [--rcu-expedited]
 #   --smoke          a few iterations of everything: checks it runs and prints the tables (CI)
 #   --only LIST      run only these sections (default: add variants repair burst policy
-#                    datapath profile)
+#                    datapath profile churn)
 #   --spawn fork     enter the pod netns in the forked child (pre_exec hook) instead of the
 #                    default: setns in the spawning thread, then posix_spawn
 #   --rcu-expedited  then measure ADD again with /sys/kernel/rcu_expedited=1. That is a
@@ -38,20 +40,20 @@ cd "$(dirname "$0")/.."
 smoke=0
 rcu=0
 spawn=spawn
-sections="add variants repair burst policy datapath profile"
+sections="add variants repair burst policy datapath profile churn"
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) smoke=1 ;;
     --rcu-expedited) rcu=1 ;;
     --only) sections=${2:?--only needs a list}; shift ;;
     --spawn) spawn=${2:?--spawn needs fork or spawn}; shift ;;
-    -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 for s in $sections; do
-  case $s in add | variants | repair | burst | policy | datapath | profile) ;;
+  case $s in add | variants | repair | burst | policy | datapath | profile | churn) ;;
     *) echo "bench.sh: unknown section $s" >&2; exit 2 ;;
   esac
 done

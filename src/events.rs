@@ -18,7 +18,7 @@ use nix::sys::socket::{
 };
 use serde_json::{Value, json};
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 /// Where the agent listens unless configured otherwise (a host directory only root can use).
@@ -50,12 +50,13 @@ pub fn event(rec: &Record, elapsed: Duration) -> Value {
 }
 
 /// Sends `ev` to the agent at `path`, if it listens, with `fd` attached (`SCM_RIGHTS`): a
-/// netlink socket for the agent to close (see `kernel::Linger`). Ignores every failure.
-pub fn send_event(path: &str, ev: &Value, fd: Option<BorrowedFd<'_>>) {
+/// netlink socket for the agent to close (see `kernel::Linger`). Ignores every failure; `fd`
+/// is closed here either way, last of all if it could not be sent.
+pub fn send_event(path: &str, ev: &Value, fd: Option<OwnedFd>) {
     let _ = try_send(path, ev, fd);
 }
 
-fn try_send(path: &str, ev: &Value, fd: Option<BorrowedFd<'_>>) -> nix::Result<()> {
+fn try_send(path: &str, ev: &Value, fd: Option<OwnedFd>) -> nix::Result<()> {
     let bytes = serde_json::to_vec(ev).unwrap_or_default();
     if bytes.is_empty() || bytes.len() > MAX_EVENT {
         return Ok(());
@@ -71,7 +72,7 @@ fn try_send(path: &str, ev: &Value, fd: Option<BorrowedFd<'_>>) -> nix::Result<(
     connect(sock.as_raw_fd(), &addr)?;
     // A new connection's send buffer is empty: a few hundred bytes go in whole, at once. An
     // attached descriptor travels with them; from here on the agent's end holds the socket.
-    let attached = passing.map(|p| [p.as_raw_fd()]);
+    let attached = passing.as_ref().map(|p| [p.as_raw_fd()]);
     let cmsg: Vec<ControlMessage> = attached
         .as_ref()
         .map(|a| ControlMessage::ScmRights(a))
@@ -84,6 +85,10 @@ fn try_send(path: &str, ev: &Value, fd: Option<BorrowedFd<'_>>) -> nix::Result<(
         MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
         None,
     )?;
+    // Ours closes first, then the connection: the agent releases what it got only at the
+    // connection's end, so its descriptor is the last one and the wait is the agent's.
+    drop(passing);
+    drop(sock);
     Ok(())
 }
 

@@ -404,8 +404,6 @@ fn ip_bytes(a: &IpAddr) -> Vec<u8> {
 struct Built {
     batch: FinalizedBatch,
     what: Vec<String>,
-    /// Committed, it releases objects (it deletes a table): see [`Linger`].
-    releases: bool,
 }
 
 impl Built {
@@ -478,12 +476,11 @@ impl Messages {
         self.what.push(what);
     }
 
-    fn finish(self, releases: bool) -> Built {
+    fn finish(self) -> Built {
         debug_assert_eq!(self.left, 0, "the message count was computed wrong");
         Built {
             batch: self.batch.finalize(),
             what: self.what,
-            releases,
         }
     }
 }
@@ -562,7 +559,7 @@ fn replace_batch(rs: &Ruleset, how: Replace, name: &str) -> Built {
             );
         }
     }
-    m.finish(how == Replace::Replace)
+    m.finish()
 }
 
 fn delete_batch(name: &str) -> Built {
@@ -574,7 +571,7 @@ fn delete_batch(name: &str) -> Built {
         format!("table inet {name} (make sure it exists)"),
     );
     m.add(&table, MsgType::Del, format!("table inet {name} (delete)"));
-    m.finish(true)
+    m.finish()
 }
 
 /// `nft`'s names for table flags.
@@ -632,8 +629,6 @@ impl Drift {
 /// policy routing or `::6` on `lo` is involved.
 pub struct Kernel {
     sock: nftnl_ext::Socket,
-    /// A commit through this socket released objects: its close will wait (see [`Linger`]).
-    released: bool,
     routing: Option<RoutingSocket>,
     /// The table this socket manages: `mesh_redirect`, or another tool's of its own (the
     /// bypass probe's), so that neither can touch the other's.
@@ -646,22 +641,25 @@ struct RoutingSocket {
     ipv6: Option<bool>,
 }
 
-/// The netfilter socket of a commit that released objects (a replace, a delete), kept open.
+/// A netfilter socket, kept open past its job, for someone who can afford its release.
 ///
-/// Releasing such a socket waits: nf_tables' netlink notifier flushes the transaction-destroy
-/// work, which frees the released objects only after an RCU grace period (10-15 ms on an idle
-/// node with lazy RCU). The commit itself is done; only the freeing is pending. A `Linger`
-/// lets the plugin hand the socket to the node agent, which can afford the wait, instead of
-/// making the runtime wait for it; dropped, it closes here and waits as before.
+/// Releasing a netfilter socket can wait: nf_tables' netlink notifier flushes the
+/// transaction-destroy work, which frees deleted objects only after an RCU grace period (10-15
+/// ms on an idle node with lazy RCU). Since Linux 6.14 (fb8286562ecf, in stable kernels since
+/// March 2025) that work is per namespace, so only a socket whose own commit deleted something
+/// waits: DEL, a re-ADD. Before, it was one global work item, flushed on every release, so any
+/// plugin run, an ADD included, could wait for other pods' DELs (docs/PERFORMANCE.md). The
+/// commit itself is done either way; only the freeing is pending. A `Linger` lets the plugin
+/// hand the socket to the node agent instead of making the runtime wait; dropped, it closes
+/// here and waits as before.
 #[derive(Debug, Default)]
 #[must_use = "dropped, it closes the socket and waits; hand it over instead"]
 pub struct Linger(Option<std::os::fd::OwnedFd>);
 
 impl Linger {
-    /// The descriptor to hand over, if the release would wait.
-    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        self.0.as_ref().map(|f| f.as_fd())
+    /// The descriptor to hand over.
+    pub fn into_fd(self) -> Option<std::os::fd::OwnedFd> {
+        self.0
     }
 }
 
@@ -734,7 +732,6 @@ impl Kernel {
     pub fn open_table(name: &'static str) -> Result<Kernel, KernelError> {
         Ok(Kernel {
             sock: nftnl_ext::Socket::open().map_err(KernelError::Socket)?,
-            released: false,
             routing: None,
             table: name,
         })
@@ -802,15 +799,11 @@ impl Kernel {
         }
     }
 
-    /// Closes the sockets, keeping a second descriptor of the netfilter socket if its release
-    /// would wait (see [`Linger`]): this close is then immediate.
+    /// Closes the sockets, keeping a second descriptor of the netfilter socket (see
+    /// [`Linger`]): this close is then immediate. Without one (no descriptor left) it waits
+    /// here, as it always did.
     pub fn close_lingering(self) -> Linger {
-        if self.released {
-            // Without a second descriptor the close below waits, as it always did.
-            Linger(self.sock.dup_fd().ok())
-        } else {
-            Linger(None)
-        }
+        Linger(self.sock.dup_fd().ok())
     }
 
     fn send(&mut self, built: &Built) -> Result<(), KernelError> {
@@ -818,10 +811,7 @@ impl Kernel {
             .sock
             .send_batch(&built.batch, built.message_seqs().end - 1)?;
         match errors.into_iter().next() {
-            None => {
-                self.released |= built.releases;
-                Ok(())
-            }
+            None => Ok(()),
             Some(e) => Err(KernelError::Refused {
                 what: built.describe(e.seq),
                 err: e.err,

@@ -61,12 +61,16 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
     };
     let elapsed = start.elapsed();
     crate::log::emit(log.file.as_deref(), log.level, &rec, elapsed);
-    if let Some(path) = events {
-        // The agent also takes the socket whose release would make us wait (DEL, re-ADD).
-        crate::events::send_event(&path, &crate::events::event(&rec, elapsed), linger.fd());
+    match events {
+        // The agent also takes the netfilter socket, whose release may wait (kernel::Linger).
+        Some(path) => crate::events::send_event(
+            &path,
+            &crate::events::event(&rec, elapsed),
+            linger.into_fd(),
+        ),
+        // No agent: the close waits for the kernel here.
+        None => drop(linger),
     }
-    // Handed over, this close is immediate; otherwise it waits for the kernel here.
-    drop(linger);
     out
 }
 

@@ -127,6 +127,9 @@ fn recv_with_fds(s: &tokio::net::UnixStream, buf: &mut [u8]) -> io::Result<(usiz
 /// `kernel::Linger`) goes to `release`, whatever becomes of the event.
 async fn one(st: Arc<Shared>, s: tokio::net::UnixStream, release: Release) {
     let mut buf = Vec::with_capacity(512);
+    // Released once the connection is over: the plugin closes its own copy first, so ours is
+    // the last and its wait is ours, not the plugin's.
+    let mut received = Vec::new();
     let read = async {
         let mut chunk = [0u8; 1024];
         loop {
@@ -136,9 +139,7 @@ async fn one(st: Arc<Shared>, s: tokio::net::UnixStream, release: Release) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             };
-            for fd in fds {
-                release.take(&st, fd);
-            }
+            received.extend(fds);
             if n == 0 {
                 return Ok::<bool, io::Error>(true);
             }
@@ -148,7 +149,12 @@ async fn one(st: Arc<Shared>, s: tokio::net::UnixStream, release: Release) {
             buf.extend_from_slice(&chunk[..n]);
         }
     };
-    match tokio::time::timeout(READ_TIMEOUT, read).await {
+    let outcome = tokio::time::timeout(READ_TIMEOUT, read).await;
+    drop(s);
+    for fd in received {
+        release.take(&st, fd);
+    }
+    match outcome {
         Ok(Ok(true)) => count(&st, &buf),
         Ok(Ok(false)) => reject(&st, "oversized"),
         Ok(Err(_)) | Err(_) => reject(&st, "incomplete"),
