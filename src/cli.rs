@@ -211,7 +211,10 @@ fn plan(args: &[String]) -> Result<(), CliError> {
         namespace: namespace.as_deref(),
         name: None,
         annotations: Some(&ann),
-        ipv6: false,
+        // As ADD decides it: from the primary plugin's result in the config, if there is one.
+        ipv6: conf
+            .get("prevResult")
+            .is_some_and(crate::protocol::result_has_ipv6),
     };
     match policy::decide(&cfg, &pod)
         .map_err(|e| CliError::Failed(format!("{} (CNI code {})", e.msg, e.code)))?

@@ -1,6 +1,7 @@
 //! Renders a [`Ruleset`] in `nft -f` syntax: what `mesh-redirect plan` prints and what error
 //! and CHECK messages quote. A user can paste it into `nft -c -f -` to have nft validate it.
 
+use crate::policy::Passthrough6;
 use crate::ruleset::{
     Action, Chain, ChainKind, Cmp, Elems, Family, HookPoint, L4, Match, Rule, Ruleset, Set, TABLE,
 };
@@ -186,14 +187,27 @@ pub fn render(rs: &Ruleset) -> String {
         chain(&mut out, c);
     }
     let _ = writeln!(out, "}}");
-    if let Some(r) = &rs.routing {
+    let six = match rs.passthrough6 {
+        Passthrough6::No => None,
+        Passthrough6::Yes => Some(""),
+        Passthrough6::IfIpv6Enabled => Some(" (if IPv6 is on in the pod's namespace)"),
+    };
+    if rs.routing.is_some() || six.is_some() {
         let _ = writeln!(
             out,
             "# and, in the same logical transaction (rtnetlink, inside the pod's namespace):"
         );
+    }
+    if let Some(r) = &rs.routing {
         for o in r.objects(true) {
             let _ = writeln!(out, "#   {}", r.describe(o));
         }
+    }
+    if let Some(when) = six {
+        let _ = writeln!(
+            out,
+            "#   ip -6 addr add ::6/128 dev lo (the proxy's IPv6 inbound-passthrough source){when}"
+        );
     }
     out
 }

@@ -134,7 +134,7 @@ impl Metrics {
         );
         r.register(
             "plugin_events_rejected",
-            "Event datagrams the agent could not use (malformed, oversized, wrong sender)",
+            "Plugin events the agent could not use, by kind (malformed, oversized, incomplete)",
             m.events_rejected.clone(),
         );
         r.register(

@@ -4,7 +4,9 @@
 //! from its events, and serves `/readyz`, `/healthz` and `/metrics`.
 //!
 //! Threads, each with one job: the installer's poll loop (main thread; it also takes the
-//! signals), the reconciler, the event socket, the HTTP server. They share [`Shared`]. The
+//! signals), the reconciler, the event socket, the release of the netlink sockets the plugin
+//! hands over with its events, the connect-time load-balancing probe, the HTTP server. They
+//! share [`Shared`]. The
 //! plugin's policy, ruleset and kernel code do the work (`crate::pod`); nothing here is
 //! `unsafe`.
 

@@ -274,6 +274,9 @@ impl Reconciler {
         id: &str,
     ) -> Result<Result<cri::api::PodSandboxStatusResponse, CriError>, Lost> {
         for attempt in 0..2 {
+            // Each call may take the client's whole timeout (30 s): beat before every one, so
+            // that a slow runtime never adds up to the stall limit within one sandbox.
+            self.beat();
             let cri = match self.client() {
                 Ok(c) => c,
                 Err(e) => return Err(Lost(e.to_string())),
@@ -561,8 +564,8 @@ fn record(st: &Shared, p: &Pass) {
     m.pass_duration.observe(p.duration.as_secs_f64());
 }
 
-/// How long the reconciler may go without a beat: a pass beats at every sandbox, and one
-/// sandbox costs at most a few CRI calls (each bounded by the client's 30 s timeout).
+/// How long the reconciler may go without a beat: a pass beats before every CRI call (each
+/// bounded by the client's 30 s timeout), and between two calls does only netlink work.
 pub fn stall_limit(period: Duration) -> Duration {
     period + Duration::from_secs(90)
 }
