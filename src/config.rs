@@ -1,18 +1,15 @@
 //! The plugin's own configuration (its conflist entry) and the pod annotations the runtime
 //! passes in `runtimeConfig`, read from the stdin network configuration (SPEC §3).
 
-use crate::policy::Ports;
-pub use crate::policy::profiles::Mesh;
 use crate::protocol::{CniError, code, json_kind};
+pub use crate::values::Annotations;
+use crate::values::lists::{self, Ports};
+pub use crate::values::profiles::Mesh;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// The `runtimeConfig` key (and capability) under which containerd and CRI-O pass annotations.
 pub const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
-
-/// Pod annotations, name → value.
-pub type Annotations = BTreeMap<String, String>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
@@ -241,7 +238,7 @@ fn get_ports(conf: &Map<String, Value>, key: &str, default: Ports) -> Result<Por
                     _ => return Err(invalid(key, want, &Value::Array(items.clone()))),
                 }
             }
-            crate::policy::lists::ports(key, &text.join(","), true)
+            lists::ports(key, &text.join(","), true)
                 .map_err(|_| invalid(key, want, &Value::Array(items.clone())))
         }
         Some(v) => Err(invalid(key, want, v)),

@@ -22,3 +22,4 @@ pub mod policy;
 pub mod protocol;
 pub mod route;
 pub mod ruleset;
+pub mod values;

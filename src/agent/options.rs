@@ -114,7 +114,7 @@ mesh-redirect-agent check-bypass [--target IP:PORT] [--netns PATH] [--timeout SE
 
 /// A flag's boolean, as Go's `strconv.ParseBool` spells it.
 fn boolean(v: &str) -> Option<bool> {
-    crate::policy::lists::go_bool(v.trim())
+    crate::values::lists::go_bool(v.trim())
 }
 
 impl Options {

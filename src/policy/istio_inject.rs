@@ -105,7 +105,10 @@ pub fn metadata(v: &str) -> Metadata {
     let Some(m) = proxy_metadata(v) else {
         return Metadata::default();
     };
-    let b = |k: &str| m.get(k).map(|v| super::lists::go_bool(v) == Some(true));
+    let b = |k: &str| {
+        m.get(k)
+            .map(|v| crate::values::lists::go_bool(v) == Some(true))
+    };
     Metadata {
         dns_capture: b("ISTIO_META_DNS_CAPTURE"),
         dual_stack: b("ISTIO_DUAL_STACK"),

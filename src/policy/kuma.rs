@@ -6,9 +6,9 @@
 //! What maps onto our engine is applied; what cannot be reproduced in a pod's own table, or
 //! would silently do something else, is refused with code 100 (README: "Kuma").
 
-use super::lists::{self, Ports, bad};
 use super::{Draft, Mode, OutboundRanges, Skip, Step, UidExclusion};
 use crate::protocol::{CniError, truncate};
+use crate::values::lists::{self, Ports, bad};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]

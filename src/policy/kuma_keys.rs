@@ -10,11 +10,11 @@
 //! does there; the one difference on purpose is noted where it is.
 
 use super::kuma::uid_exclusion;
-use super::lists::{self, Ports, bad};
 use super::skip::Skip;
 use super::{Draft, Step};
-use crate::config::Annotations;
 use crate::protocol::CniError;
+use crate::values::Annotations;
+use crate::values::lists::{self, Ports, bad};
 
 /// Multus's network selection; Kuma's injector puts `kuma-cni` there exactly in CNI mode.
 pub const NETWORKS: &str = "k8s.v1.cni.cncf.io/networks";

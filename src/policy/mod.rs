@@ -8,15 +8,14 @@
 pub mod istio_inject;
 pub mod kuma;
 pub mod kuma_keys;
-pub mod lists;
-pub mod profiles;
 pub mod skip;
 
 use crate::config::{Annotations, PluginConfig};
 use crate::protocol::{CniError, code};
-pub use lists::{Cidrs, Ports};
-use lists::{bad, go_bool};
-pub use profiles::{
+use crate::values::lists::{self, bad, go_bool};
+pub use crate::values::lists::{Cidrs, Ports};
+use crate::values::profiles;
+pub use crate::values::profiles::{
     DnsShape, Field, Loopback, Marker, Mesh, Profile, Shape, istio, kuma as kuma_names, linkerd,
 };
 pub use skip::Skip;
