@@ -248,15 +248,22 @@ fn del(
     Ok(())
 }
 
+/// Why STATUS finds the plugin unavailable.
+#[derive(Debug, thiserror::Error)]
+enum Unavailable {
+    #[error("cannot create a scratch network namespace: {0}")]
+    Scratch(nix::Error),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+}
+
 /// STATUS: can this kernel take our ruleset? Installs the default istio ruleset in a
 /// throwaway network namespace that disappears with the thread that made it.
 fn status(rec: &mut Record) -> Result<(), CniError> {
     let rs = default_ruleset();
-    let probe = std::thread::spawn(move || -> Result<(), String> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("cannot create a scratch network namespace: {e}"))?;
-        let mut k = Kernel::open().map_err(|e| e.to_string())?;
-        k.replace(&rs).map_err(|e| e.to_string())
+    let probe = std::thread::spawn(move || -> Result<(), Unavailable> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(Unavailable::Scratch)?;
+        Ok(Kernel::open()?.replace(&rs)?)
     });
     match probe.join() {
         Ok(Ok(())) => {

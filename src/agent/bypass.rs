@@ -639,12 +639,16 @@ pub fn watch(st: std::sync::Arc<super::Shared>, target: Option<SocketAddr>, peri
         st.health.unwatch(Worker::Bypass);
         return;
     };
-    // What was last reported: Outcome or the error text.
-    let mut last: Option<Result<Outcome, String>> = None;
+    // What was last reported: the outcome, or the kind of error (one log line per change of
+    // cause, not per changed errno or address in its text).
+    let mut last: Option<Result<Outcome, std::mem::Discriminant<BypassError>>> = None;
     loop {
         st.health.beat(Worker::Bypass);
         let now = probe(target, None, TIMEOUT).map(|v| (v.outcome(), v));
-        let key = now.as_ref().map(|(o, _)| *o).map_err(|e| e.to_string());
+        let key = now
+            .as_ref()
+            .map(|(o, _)| *o)
+            .map_err(std::mem::discriminant);
         let changed = last.as_ref() != Some(&key);
         match &now {
             Ok((Outcome::Rewritten, v)) => {
