@@ -268,6 +268,7 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
     let d = Deploy::load();
     let image = crate::image::build(&node, &d.image());
     node.import_image(&image.archive, &image.reference);
+    r.ok(&crate::image::check_libraries(&node, &image));
     r.ok(&format!(
         "buildah bud -f deploy/Containerfile . → {} ({:.1} MB uncompressed, FROM scratch: the \
          three binaries, libnftnl, libmnl, glibc), imported; the CRI knows it",
@@ -365,7 +366,14 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
             .join("mesh-redirect.libs/libnftnl.so.11")
             .exists()
     );
-    r.ok("chained: containerd loads bridge, portmap, mesh-redirect; the plugin and its libraries in the bin dir");
+    // The agent in the image loaded glibc from its RUNPATH dir too: only libnftnl and libmnl
+    // may go to the node (its libc stays the node's).
+    assert_eq!(
+        crate::node::list_dir(&node.bin_dir().join("mesh-redirect.libs")),
+        ["libmnl.so.0", "libnftnl.so.11"],
+        "what the installer copied beside the plugin"
+    );
+    r.ok("chained: containerd loads bridge, portmap, mesh-redirect; the plugin in the bin dir, and beside it in mesh-redirect.libs/ only libnftnl and libmnl (not the image's libc or libgcc_s)");
     say("   web-a, started before, repaired by the agent:");
     prove_capture(&r, &node, &web_a);
     say(&format!(
