@@ -28,10 +28,28 @@ fn main() {
             println!("cargo:rerun-if-changed={p}");
         }
     }
-    if let Err(e) = stage_image_libs() {
-        println!("cargo:warning=image libraries not staged ({e}): deploy/Containerfile needs them");
+    println!("cargo:rerun-if-env-changed={SKIP_IMAGE_LIBS}");
+    let glibc = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu");
+    if glibc && std::env::var_os(SKIP_IMAGE_LIBS).is_none() {
+        if let Err(e) = stage_image_libs() {
+            // An image built from a half-staged root would not start, or start with a libc
+            // that is not the one its loader belongs to: refuse here, where the cause is known.
+            eprintln!(
+                "error: cannot stage the node image's libraries in target/<profile>/image-libs/: \
+                 {e}.\n\
+                 deploy/Containerfile builds the image from them. Fix the toolchain (a glibc \
+                 whose loader and libc.so.6 are in one directory, `cc`, pkg-config's libnftnl \
+                 and libmnl), build from source in a container (`--target source`, README), \
+                 or set {SKIP_IMAGE_LIBS}=1 to build the binaries without an image."
+            );
+            std::process::exit(1);
+        }
     }
 }
+
+/// Set: build the binaries without staging the image's libraries.
+const SKIP_IMAGE_LIBS: &str = "MESH_REDIRECT_SKIP_IMAGE_LIBS";
 
 /// `<target>/<profile>`: OUT_DIR is `<target>/<profile>/build/<pkg>-<hash>/out`.
 fn profile_dir() -> Option<PathBuf> {
@@ -56,29 +74,42 @@ fn put(src: &Path, dst: &Path) -> std::io::Result<()> {
     std::fs::copy(std::fs::canonicalize(src)?, dst).map(|_| ())
 }
 
-/// The image's libraries: glibc's loader, libc and libgcc_s where the binaries' interpreter and
-/// the loader's default paths look, libnftnl and libmnl where their RUNPATH looks
-/// (`$ORIGIN/mesh-redirect.libs`, beside the binaries in /usr/local/bin; the agent copies them
-/// to the node from there).
+/// The image's libraries, laid out so that the image needs no loader search path of its own:
+/// glibc's loader at the binaries' interpreter path (PT_INTERP: `/lib64/ld-linux-x86-64.so.2`,
+/// `/lib/ld-linux-aarch64.so.1`), and every library the binaries need (libc, libgcc_s,
+/// libnftnl, libmnl) in `/usr/local/bin/mesh-redirect.libs/`, where their RUNPATH
+/// (`$ORIGIN/mesh-redirect.libs`) finds them first, whatever directories the loader would
+/// search by default (Debian's `/lib/<triplet>`, Fedora's `/lib64`, Arch's `/usr/lib`): an
+/// image built on any of them starts. The installer copies only libnftnl and libmnl from there
+/// to the node (`install::files::bundled_libs`); the node's own libc stays the node's.
 fn stage_image_libs() -> Result<(), String> {
-    let (triplet, loader_dir, loader) = match std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
-        Ok("x86_64") => ("x86_64-linux-gnu", "lib64", "ld-linux-x86-64.so.2"),
-        Ok("aarch64") => ("aarch64-linux-gnu", "lib", "ld-linux-aarch64.so.1"),
+    let (loader_dir, loader) = match std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
+        Ok("x86_64") => ("lib64", "ld-linux-x86-64.so.2"),
+        Ok("aarch64") => ("lib", "ld-linux-aarch64.so.1"),
         Ok(a) => return Err(format!("no image layout for {a}")),
         Err(_) => return Err("no target arch".into()),
     };
     let root = profile_dir().ok_or("no target dir")?.join("image-libs");
     let _ = std::fs::remove_dir_all(&root);
-    let libdir = root.join("lib").join(triplet);
-    for name in ["libc.so.6", "libgcc_s.so.1"] {
-        let src = toolchain_lib(name).ok_or(format!("{name} not found"))?;
-        put(&src, &libdir.join(name)).map_err(|e| format!("{name}: {e}"))?;
-    }
-    let ld = toolchain_lib(loader)
-        .or_else(|| Some(PathBuf::from("/").join(loader_dir).join(loader)).filter(|p| p.exists()))
-        .ok_or(format!("{loader} not found"))?;
-    put(&ld, &root.join(loader_dir).join(loader)).map_err(|e| format!("{loader}: {e}"))?;
     let own = root.join("usr/local/bin/mesh-redirect.libs");
+    let libc = toolchain_lib("libc.so.6").ok_or("the C compiler's libc.so.6 not found")?;
+    // The loader and libc must be one glibc build: the loader beside the libc the binaries
+    // link against (Debian, Fedora and Arch all keep them in one directory).
+    let glibc_dir = libc.parent().ok_or("libc.so.6 has no directory")?;
+    let ld = [glibc_dir.join(loader)]
+        .into_iter()
+        .chain(toolchain_lib(loader))
+        .chain([Path::new("/").join(loader_dir).join(loader)])
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .find(|p| p.parent() == Some(glibc_dir))
+        .ok_or(format!(
+            "no {loader} beside {} (the loader must be the one of the libc the binaries link)",
+            libc.display()
+        ))?;
+    put(&ld, &root.join(loader_dir).join(loader)).map_err(|e| format!("{loader}: {e}"))?;
+    put(&libc, &own.join("libc.so.6")).map_err(|e| format!("libc.so.6: {e}"))?;
+    let gcc_s = toolchain_lib("libgcc_s.so.1").ok_or("libgcc_s.so.1 not found")?;
+    put(&gcc_s, &own.join("libgcc_s.so.1")).map_err(|e| format!("libgcc_s.so.1: {e}"))?;
     for (pkg, soname) in [("libnftnl", "libnftnl.so.11"), ("libmnl", "libmnl.so.0")] {
         let dir =
             output("pkg-config", &["--variable=libdir", pkg]).ok_or(format!("pkg-config {pkg}"))?;

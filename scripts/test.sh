@@ -21,6 +21,9 @@ echo "== deploy/ manifests"
 scripts/check-manifests.sh
 echo "== cargo build --release (the node image the node e2e builds holds these binaries)"
 cargo build --release --bins
+echo "== scripts/kind-e2e.sh --dry-run (its local checks; no Docker here, nothing is run against it)"
+kind_dry=$(scripts/kind-e2e.sh --dry-run 2>&1) || { echo "$kind_dry"; exit 1; }
+grep 'dry run complete' <<<"$kind_dry"
 echo "== cargo test"
 cargo test --all-targets "$@"
 echo "== benchmarks, smoke run (numbers meaningless; checks they run and print their tables)"

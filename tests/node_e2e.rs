@@ -23,6 +23,8 @@ mod hostile;
 mod image;
 #[path = "node_e2e/kubelet.rs"]
 mod kubelet;
+#[path = "node_e2e/kustomize.rs"]
+mod kustomize;
 #[path = "node_e2e/node.rs"]
 mod node;
 

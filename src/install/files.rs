@@ -408,7 +408,14 @@ pub fn install_file(src: &Path, dir: &Path, name: &str, mode: u32) -> io::Result
 
 /// The shared libraries the running binary loaded that a node might lack (libnftnl, libmnl).
 pub fn bundled_libs() -> Vec<PathBuf> {
-    let maps = fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    bundled_in_maps(&fs::read_to_string("/proc/self/maps").unwrap_or_default())
+}
+
+/// [`bundled_libs`] from a `/proc/PID/maps` text: libnftnl and libmnl only, by name. The
+/// image keeps libc, libgcc_s and the loader in the same directory as these (its binaries'
+/// RUNPATH), but those belong to the node: a glibc copied there would shadow the node's own
+/// for the plugin, without its loader.
+fn bundled_in_maps(maps: &str) -> Vec<PathBuf> {
     let mut libs: Vec<PathBuf> = maps
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
@@ -668,6 +675,42 @@ mod tests {
         if here.exists() {
             assert!(node_glibc(here).unwrap().1 >= 17);
         }
+    }
+
+    #[test]
+    fn only_libnftnl_and_libmnl_go_to_the_node() {
+        // The agent in the image: everything it loaded from its RUNPATH dir, glibc too.
+        let dir = "/usr/local/bin/mesh-redirect.libs";
+        let maps: String = [
+            "/usr/local/bin/mesh-redirect-agent",
+            &format!("{dir}/libc.so.6"),
+            &format!("{dir}/libgcc_s.so.1"),
+            &format!("{dir}/libnftnl.so.11"),
+            &format!("{dir}/libnftnl.so.11"),
+            &format!("{dir}/libmnl.so.0"),
+            "/lib64/ld-linux-x86-64.so.2",
+            "[vdso]",
+            "",
+        ]
+        .iter()
+        .map(|p| format!("7f00-7f01 r-xp 00000000 fd:00 42 {p}\n"))
+        .collect();
+        assert_eq!(
+            bundled_in_maps(&maps),
+            [
+                PathBuf::from(format!("{dir}/libmnl.so.0")),
+                PathBuf::from(format!("{dir}/libnftnl.so.11"))
+            ]
+        );
+        // A node's own build: the distribution's versioned files, the same two.
+        let host = "7f-8f r-xp 0 fd:00 1 /usr/lib/x86_64-linux-gnu/libnftnl.so.11.6.0\n\
+                    7f-8f r-xp 0 fd:00 2 /usr/lib/x86_64-linux-gnu/libc.so.6\n";
+        assert_eq!(
+            bundled_in_maps(host),
+            [PathBuf::from(
+                "/usr/lib/x86_64-linux-gnu/libnftnl.so.11.6.0"
+            )]
+        );
     }
 
     #[test]

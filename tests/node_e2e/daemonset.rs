@@ -5,7 +5,9 @@
 //! the manifest declares where the kubelet calls them, serves /metrics on the node's address,
 //! captures pods started afterwards, and a rollout leaves no window. Then the manifest with
 //! each added capability removed, and the netns mount without its propagation: each fails, and
-//! the failure names the manifest line that was missing.
+//! the failure names the manifest line that was missing. Then the k3s and GKE overlays, each
+//! from a node reset to its primary config alone, with the node's directories at the overlay's
+//! host paths (and, for k3s, an IPv6 status.hostIP): chained, repaired, captured again.
 
 use crate::common::{http_get_at, serve};
 use crate::kubelet::{Deploy, Kubelet, PodRun, log_messages};
@@ -16,6 +18,10 @@ use std::time::{Duration, Instant};
 
 /// `status.hostIP` of the test node (an address on its `lo`).
 const HOST_IP: &str = "10.77.0.1";
+/// The node's IPv6 address, `status.hostIP` of an IPv6 (or IPv6-first dual-stack) node.
+const HOST_IP6: &str = "fd77::1";
+/// The overlays the test runs, with the node address each gets.
+const OVERLAYS: [(&str, &str); 2] = [("k3s", HOST_IP6), ("gke", HOST_IP)];
 /// The manifest's event socket dir: the same path inside the container and on the host (the
 /// plugin, run by the runtime on the host, connects to what the agent wrote into the chain).
 const EVENTS_DIR: &str = "/run/mesh-redirect";
@@ -41,6 +47,8 @@ impl EventsDir {
 impl Drop for EventsDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(Path::new(EVENTS_DIR).join("events.sock"));
+        // The agents' lock beside it (one owner per event socket).
+        let _ = std::fs::remove_file(Path::new(EVENTS_DIR).join("events.sock.lock"));
         if self.made {
             let _ = std::fs::remove_dir(EVENTS_DIR);
         }
@@ -223,6 +231,50 @@ impl Proof<'_> {
     }
 }
 
+/// The test node's directory that a hostPath volume of the manifest stands for, by the
+/// volume's name (the same in deploy/ and every overlay: only the paths differ).
+fn node_dir(node: &Node, volume: &str) -> PathBuf {
+    match volume {
+        "cni-bin" => node.bin_dir(),
+        "cni-conf" => node.conf_dir(),
+        "cri" => node.socket().parent().expect("socket dir").into(),
+        "netns" => node.netns_dir(),
+        other => panic!("hostPath volume {other}: the test node has no stand-in for it"),
+    }
+}
+
+/// The kubelet for the manifests `d`: each hostPath is found below the node's `host/` dir at
+/// the manifest's own path (`/var/lib/rancher/k3s/data/cni` → `<node>/host/var/lib/rancher/
+/// k3s/data/cni`), a link to the node's directory that the volume stands for, the way
+/// `/var/lib/rancher/k3s/data/current` is a link on a k3s node; the runtime resolves it when
+/// it mounts. The event socket's dir is the real /run/mesh-redirect (the plugin, on the host,
+/// connects to the path the agent wrote into the chain).
+fn kubelet_for(node: &Node, d: &Deploy, host_ip: &str) -> Kubelet {
+    let host = node.dir("host");
+    let mut host_paths = Vec::new();
+    for (volume, path) in d.host_paths() {
+        if path == EVENTS_DIR {
+            host_paths.push((path, PathBuf::from(EVENTS_DIR)));
+            continue;
+        }
+        let target = node_dir(node, &volume);
+        let link = host.join(path.trim_start_matches('/'));
+        match std::fs::read_link(&link) {
+            Ok(t) => assert_eq!(t, target, "{} links elsewhere", link.display()),
+            Err(_) => {
+                std::fs::create_dir_all(link.parent().expect("a parent")).expect("host dir");
+                std::os::unix::fs::symlink(&target, &link).expect("link the node's dir");
+            }
+        }
+        host_paths.push((path, link));
+    }
+    Kubelet {
+        host_ip: host_ip.into(),
+        host_paths,
+        dir: node.dir("kubelet"),
+    }
+}
+
 /// The effective capabilities, no_new_privs, seccomp mode and uid of a process, from /proc.
 fn proc_status(pid: i32) -> (u64, String, String, String) {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -252,6 +304,16 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
     node.import_pause_image();
     node.ns
         .exec(&["ip", "addr", "add", &format!("{HOST_IP}/32"), "dev", "lo"]);
+    node.ns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{HOST_IP6}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ]);
     let conflist = node.write_primary_conflist();
     node.wait_runtime_loaded(&conflist);
     let _cluster = serve(&node.ns.path(), ROOT, "node", &[8080, 9090], &[]);
@@ -274,22 +336,10 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
         image.reference,
         image.size as f64 / 1e6
     ));
+    r.ok(&crate::image::check_libraries(&node, &image));
 
     r.step("deploy/ read as shipped; the kubelet's translation of the DaemonSet's pod");
-    let kubelet = Kubelet {
-        host_ip: HOST_IP.into(),
-        host_paths: vec![
-            ("/opt/cni/bin".into(), node.bin_dir()),
-            ("/etc/cni/net.d".into(), node.conf_dir()),
-            (
-                "/run/containerd".into(),
-                node.socket().parent().unwrap().into(),
-            ),
-            ("/var/run/netns".into(), node.netns_dir()),
-            (EVENTS_DIR.into(), PathBuf::from(EVENTS_DIR)),
-        ],
-        dir: node.dir("kubelet"),
-    };
+    let kubelet = kubelet_for(&node, &d, HOST_IP);
     let c = d.container();
     r.ok(&format!(
         "namespace {}, image {}, args {}, capabilities add {} drop {}, readOnlyRootFilesystem {}, \
@@ -365,7 +415,14 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
             .join("mesh-redirect.libs/libnftnl.so.11")
             .exists()
     );
-    r.ok("chained: containerd loads bridge, portmap, mesh-redirect; the plugin and its libraries in the bin dir");
+    // The agent in the image loaded glibc from its RUNPATH dir too: only libnftnl and libmnl
+    // may go to the node (its libc stays the node's).
+    assert_eq!(
+        crate::node::list_dir(&node.bin_dir().join("mesh-redirect.libs")),
+        ["libmnl.so.0", "libnftnl.so.11"],
+        "what the installer copied beside the plugin"
+    );
+    r.ok("chained: containerd loads bridge, portmap, mesh-redirect; the plugin in the bin dir, and beside it in mesh-redirect.libs/ only libnftnl and libmnl (not the image's libc or libgcc_s)");
     say("   web-a, started before, repaired by the agent:");
     prove_capture(&r, &node, &web_a);
     say(&format!(
@@ -415,7 +472,7 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
         "the probe port on the node's address"
     );
     r.ok(&format!(
-        "GET http://{HOST_IP}:{mport}/metrics 200 (--metrics-addr=$(HOST_IP) from status.hostIP): \
+        "GET http://{HOST_IP}:{mport}/metrics 200 (--metrics-host=$(HOST_IP) from status.hostIP): \
          ready 1, repairs ≥ 2, the plugin's ADDs counted from its events; nothing on \
          127.0.0.1:{mport}, nor on {HOST_IP}:{rport}"
     ));
@@ -549,8 +606,106 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
     for p in [&web_a, &plain, &late, &gap] {
         node.remove_pod(p);
     }
+
+    // The platform overlays: the same image and pod, other host paths (and an IPv6 node).
+    let mport = d.port("metrics");
+    for (name, host_ip) in OVERLAYS {
+        let o = Deploy::overlay(name);
+        r.step(&format!(
+            "{}: from a node with its primary config alone, its dirs at the overlay's paths, \
+             status.hostIP {host_ip}",
+            o.dir
+        ));
+        assert_eq!(o.image(), d.image(), "{name}: the image built above");
+        let moved: Vec<String> = o
+            .host_paths()
+            .into_iter()
+            .filter(|hp| !d.host_paths().contains(hp))
+            .map(|(v, path)| format!("{v} {path}"))
+            .collect();
+        assert!(
+            !moved.is_empty(),
+            "{name}: no host path differs from deploy/'s"
+        );
+        crate::common::uninstall(&node.bin_dir(), &node.conf_dir());
+        assert!(!node.bin_dir().join("mesh-redirect").exists());
+        node.wait_runtime_loaded(&conflist);
+        let kubelet = kubelet_for(&node, &o, host_ip);
+        let (before, late, runs) = {
+            let mut p = Proof {
+                node: &mut node,
+                kubelet: &kubelet,
+                d: &o,
+                r: &r,
+                tag: name,
+                runs: Vec::new(),
+            };
+            let before = p.pod("web-before");
+            assert!(
+                !has_table(&before.netns),
+                "{} captured unchained",
+                before.name
+            );
+            p.run(&[&before]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let late = p
+                .late_pod_kept_captured()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            (before, late, std::mem::take(&mut p.runs))
+        };
+        let loaded = node.loaded_network().expect("a loaded network");
+        assert_eq!(types(&loaded), ["bridge", "portmap", "mesh-redirect"]);
+        assert!(
+            node.bin_dir()
+                .join("mesh-redirect.libs/libnftnl.so.11")
+                .exists()
+        );
+        r.ok(&format!(
+            "host paths {}: the agent chained itself through them (containerd loads bridge, \
+             portmap, mesh-redirect; the plugin and its libraries in the node's bin dir)",
+            moved.join(", ")
+        ));
+        say(&format!(
+            "   {}, started before the agent, repaired:",
+            before.name
+        ));
+        prove_capture(&r, &node, &before);
+        say(&format!(
+            "   {}, started after, its table repaired:",
+            late.name
+        ));
+        prove_capture(&r, &node, &late);
+        let (code, metrics) = http_get_at(&node.ns.path(), host_ip, mport, "/metrics")
+            .unwrap_or_else(|| panic!("{name}: no /metrics on {host_ip}:{mport}"));
+        assert_eq!(code, 200);
+        assert!(metrics.contains("\nmesh_redirect_ready 1"), "{metrics}");
+        let other = if host_ip == HOST_IP {
+            HOST_IP6
+        } else {
+            HOST_IP
+        };
+        assert!(
+            http_get_at(&node.ns.path(), other, mport, "/metrics").is_none(),
+            "/metrics on {other} too"
+        );
+        let shown = if host_ip.contains(':') {
+            format!("[{host_ip}]")
+        } else {
+            host_ip.to_string()
+        };
+        r.ok(&format!(
+            "GET http://{shown}:{mport}/metrics 200, ready 1 (--metrics-host=$(HOST_IP) \
+             --metrics-port={mport}); nothing on {other}"
+        ));
+        for run in &runs {
+            assert_eq!(kubelet.delete(&node, &o, run), 0, "{name}: exit code");
+        }
+        node.remove_pod(&before);
+        node.remove_pod(&late);
+    }
     say(&format!(
-        "PASS  deploy/ as shipped through containerd in {:.1}s (image {:.1} MB)",
+        "PASS  deploy/ and the overlays {} as shipped through containerd in {:.1}s (image \
+         {:.1} MB)",
+        OVERLAYS.map(|(o, _)| o).join(", "),
         r.start.elapsed().as_secs_f64(),
         image.size as f64 / 1e6
     ));

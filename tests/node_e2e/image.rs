@@ -96,3 +96,196 @@ impl Drop for BlobCache {
         }
     }
 }
+
+/// The image's root filesystem, unpacked from the archive's layers (in order) into `dir`.
+fn unpack(image: &Image, dir: &Path) -> PathBuf {
+    let x = dir.join("archive");
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(&x).expect("archive dir");
+    std::fs::create_dir_all(&root).expect("rootfs dir");
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&image.archive)
+        .arg("-C")
+        .arg(&x));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(x.join("manifest.json")).expect("manifest.json"))
+            .expect("manifest.json is JSON");
+    for layer in manifest[0]["Layers"].as_array().expect("Layers") {
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(x.join(layer.as_str().expect("a layer")))
+            .arg("-C")
+            .arg(&root));
+    }
+    root
+}
+
+/// Runs `argv` in `root` as the image's only filesystem, as a container would: a private
+/// mount namespace with /proc mounted (the loader finds `$ORIGIN` through /proc/self/exe),
+/// `chroot`, an environment of `env` alone. Its exit status and stderr.
+fn in_root(root: &Path, argv: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    use nix::mount::{MsFlags, mount};
+    use std::os::unix::process::CommandExt;
+    let proc_dir = root.join("proc");
+    std::fs::create_dir_all(&proc_dir).expect("proc dir");
+    let root = root.to_path_buf();
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]).env_clear().envs(env.iter().copied());
+    // SAFETY: only syscalls between fork and exec (the paths were made before).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )?;
+            mount(
+                Some("proc"),
+                &proc_dir,
+                Some("proc"),
+                MsFlags::empty(),
+                None::<&str>,
+            )?;
+            nix::unistd::chroot(&root)?;
+            nix::unistd::chdir("/")?;
+            Ok(())
+        });
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{argv:?} in the image's root: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Proves the image needs no loader search path: its files are the loader at the binaries'
+/// interpreter path and, for everything else, the binaries and their RUNPATH dir; run there
+/// with `LD_DEBUG=libs` (in a chroot of the image's root, no cache, no default library dirs),
+/// each binary loads every library from that dir, found through RUNPATH, and the loader never
+/// falls back to a default directory. Also through the loader by hand (`--inhibit-cache`).
+/// Returns a line for the report.
+pub fn check_libraries(node: &Node, image: &Image) -> String {
+    let dir = node.dir("image-root");
+    let root = unpack(image, &dir);
+    let libs = "/usr/local/bin/mesh-redirect.libs";
+    let loader = match std::env::consts::ARCH {
+        "x86_64" => "/lib64/ld-linux-x86-64.so.2",
+        "aarch64" => "/lib/ld-linux-aarch64.so.1",
+        a => panic!("no image layout for {a}"),
+    };
+    let mut files: Vec<String> = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)
+            .expect("read the image's root")
+            .flatten()
+        {
+            let t = e.file_type().expect("file type");
+            if t.is_dir() {
+                stack.push(e.path());
+            } else {
+                let p = e.path();
+                files.push(format!("/{}", p.strip_prefix(&root).unwrap().display()));
+            }
+        }
+    }
+    files.sort();
+    let bins = ["mesh-redirect", "mesh-redirect-agent", "capture-probe"];
+    for f in &files {
+        let ok = f == loader
+            || f.starts_with(&format!("{libs}/"))
+            || bins.iter().any(|b| f == &format!("/usr/local/bin/{b}"));
+        assert!(
+            ok,
+            "the image holds {f}: only the loader ({loader}), the binaries and {libs}/ belong \
+             there (files: {files:?})"
+        );
+    }
+    for lib in [
+        "libc.so.6",
+        "libgcc_s.so.1",
+        "libnftnl.so.11",
+        "libmnl.so.0",
+    ] {
+        assert!(
+            files.contains(&format!("{libs}/{lib}")),
+            "{lib} is not in {libs}: {files:?}"
+        );
+    }
+    // capture-probe has no help command: its usage (exit 1) shows it ran.
+    for (bin, arg) in [
+        ("mesh-redirect", "version"),
+        ("mesh-redirect-agent", "help"),
+        ("capture-probe", ""),
+    ] {
+        let path = format!("/usr/local/bin/{bin}");
+        let argv: Vec<&str> = [path.as_str(), arg]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect();
+        let (ok, debug) = in_root(&root, &argv, &[("LD_DEBUG", "libs")]);
+        assert!(
+            ok || (bin == "capture-probe" && debug.contains("capture-probe [--netns")),
+            "{path} {arg} does not run in the image's root:\n{debug}"
+        );
+        let loaded: Vec<&str> = debug
+            .lines()
+            .filter_map(|l| l.split_once("calling init: ").map(|(_, p)| p.trim()))
+            .collect();
+        assert!(
+            loaded.contains(&format!("{libs}/libc.so.6").as_str())
+                && loaded
+                    .iter()
+                    .all(|p| *p == loader || p.starts_with(&format!("{libs}/"))),
+            "{path}: loaded {loaded:?}, not all from {libs}:\n{debug}"
+        );
+        assert!(
+            !debug.contains("system search path") && !debug.contains("search cache"),
+            "{path}: the loader fell back to its default dirs:\n{debug}"
+        );
+        assert!(
+            debug.contains(&format!("(RUNPATH from file {path})")),
+            "{path}: not found through RUNPATH:\n{debug}"
+        );
+    }
+    let (ok, err) = in_root(
+        &root,
+        &[
+            loader,
+            "--inhibit-cache",
+            "/usr/local/bin/mesh-redirect",
+            "version",
+        ],
+        &[],
+    );
+    assert!(ok, "{loader} --inhibit-cache mesh-redirect version: {err}");
+    // The control: libc where another distribution's loader would look by default (Fedora's
+    // /usr/lib64), not in the RUNPATH dir, and this (Debian) loader does not find it: the way
+    // an image staged for one loader's default path failed under another's.
+    let moved = root.join("usr/lib64");
+    std::fs::create_dir_all(&moved).expect("usr/lib64");
+    std::fs::rename(
+        root.join(&libs[1..]).join("libc.so.6"),
+        moved.join("libc.so.6"),
+    )
+    .expect("move libc");
+    let (ok, err) = in_root(&root, &["/usr/local/bin/mesh-redirect", "version"], &[]);
+    assert!(
+        !ok && err.contains("libc.so.6"),
+        "with libc outside the RUNPATH dir the binary still started: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    format!(
+        "the image's files: {loader}, the three binaries and {libs}/ (libc, libgcc_s, \
+         libnftnl, libmnl), no default library dir; in a chroot of it (no ld.so.cache) each \
+         binary runs and LD_DEBUG=libs shows every library loaded from {libs}/ through RUNPATH, \
+         none from a default dir; `{loader} --inhibit-cache mesh-redirect version` too; with \
+         libc moved to /usr/lib64 (Fedora's default dir, not this loader's) it does not start"
+    )
+}

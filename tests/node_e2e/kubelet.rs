@@ -1,6 +1,7 @@
 //! What the kubelet does with deploy/'s DaemonSet pod, without the kubelet: the manifests read
-//! as shipped (kustomization.yaml, then its resources, with its namespace and image
-//! transforms), and the pod template translated into the CRI requests the kubelet would send —
+//! as shipped, deploy/ or one of its overlays rendered as `kubectl kustomize` renders them
+//! (tests/node_e2e/kustomize.rs: resources, the generated ConfigMap, patches, namespace,
+//! images), and the pod template translated into the CRI requests the kubelet would send —
 //! host network, command and args with `$(VAR)` expanded, env with field references resolved,
 //! the ConfigMap's data as a mounted file, each hostPath volume as a mount with its
 //! propagation, resources, and the security context as the kubelet maps it (capabilities,
@@ -16,46 +17,50 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// The manifests as `kubectl apply -k deploy/` would send them.
+/// The manifests as `kubectl apply -k deploy/` (or `deploy/overlays/NAME`) would send them.
 pub struct Deploy {
+    /// `deploy` or `deploy/overlays/NAME`, relative to the repository.
+    pub dir: String,
     pub namespace: String,
     pub daemonset: Value,
+    /// By name, as rendered (a generated one with its content hash in its name).
     configmaps: HashMap<String, Value>,
-    /// kustomization.yaml's `images:` transform.
-    images: Vec<Value>,
     /// daemonset.yaml's text, for the line a failure points at.
     text: String,
 }
 
-const DS_FILE: &str = "deploy/daemonset.yaml";
-
-fn yaml(path: &Path) -> (Value, String) {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let v = serde_saphyr::from_str(&text)
-        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
-    (v, text)
-}
+const DS_FILE: &str = "deploy/base/daemonset.yaml";
 
 impl Deploy {
+    /// deploy/ as shipped.
     pub fn load() -> Deploy {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
-        let (k, _) = yaml(&dir.join("kustomization.yaml"));
+        Deploy::render("deploy")
+    }
+
+    /// deploy/overlays/`name` as shipped.
+    pub fn overlay(name: &str) -> Deploy {
+        Deploy::render(&format!("deploy/overlays/{name}"))
+    }
+
+    fn render(dir: &str) -> Deploy {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(root.join(DS_FILE)).expect("read the DaemonSet");
         let mut d = Deploy {
-            namespace: k["namespace"].as_str().unwrap_or("default").to_string(),
+            dir: dir.to_string(),
+            namespace: String::new(),
             daemonset: Value::Null,
             configmaps: HashMap::new(),
-            images: k["images"].as_array().cloned().unwrap_or_default(),
-            text: String::new(),
+            text,
         };
-        for r in k["resources"].as_array().expect("kustomization resources") {
-            let file = r.as_str().expect("a resource file");
-            let (v, text) = yaml(&dir.join(file));
+        for v in crate::kustomize::build(&root.join(dir)) {
             match v["kind"].as_str() {
                 Some("DaemonSet") => {
-                    assert!(d.daemonset.is_null(), "two DaemonSets in deploy/");
+                    assert!(d.daemonset.is_null(), "two DaemonSets in {dir}");
+                    d.namespace = v["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_string();
                     d.daemonset = v;
-                    d.text = text;
                 }
                 Some("ConfigMap") => {
                     let name = v["metadata"]["name"].as_str().expect("name").to_string();
@@ -64,8 +69,23 @@ impl Deploy {
                 _ => {}
             }
         }
-        assert!(!d.daemonset.is_null(), "no DaemonSet in deploy/");
+        assert!(!d.daemonset.is_null(), "no DaemonSet in {dir}");
         d
+    }
+
+    /// (volume name, path) of each hostPath volume.
+    pub fn host_paths(&self) -> Vec<(String, String)> {
+        self.pod_spec()["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| {
+                Some((
+                    v["name"].as_str()?.to_string(),
+                    v["hostPath"]["path"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
     }
 
     pub fn pod_spec(&self) -> &Value {
@@ -89,18 +109,12 @@ impl Deploy {
         &mut self.daemonset["spec"]["template"]["spec"]["containers"][0]
     }
 
-    /// The container's image after kustomize's `images:` transform.
+    /// The container's image (kustomize's `images:` transform applied).
     pub fn image(&self) -> String {
-        let image = self.container()["image"].as_str().expect("image");
-        let (name, tag) = image.rsplit_once(':').unwrap_or((image, "latest"));
-        for i in &self.images {
-            if i["name"].as_str() == Some(name) {
-                let n = i["newName"].as_str().unwrap_or(name);
-                let t = i["newTag"].as_str().unwrap_or(tag);
-                return format!("{n}:{t}");
-            }
-        }
-        image.to_string()
+        self.container()["image"]
+            .as_str()
+            .expect("image")
+            .to_string()
     }
 
     /// `--flag=value` from the container's args.
@@ -447,7 +461,7 @@ impl Kubelet {
                 let data = &d
                     .configmaps
                     .get(cm)
-                    .unwrap_or_else(|| panic!("ConfigMap {cm} is not in deploy/"))["data"];
+                    .unwrap_or_else(|| panic!("ConfigMap {cm} is not in {}", d.dir))["data"];
                 let dir = self.dir.join(pod).join("volumes").join(vname);
                 std::fs::create_dir_all(&dir).expect("configmap volume dir");
                 for (k, v) in data.as_object().into_iter().flatten() {
