@@ -69,7 +69,7 @@ pub fn main(args: Vec<String>) -> u8 {
             };
         }
         "uninstall" => crate::install::Options::parse(rest, |k| std::env::var(k).ok())
-            .and_then(|o| crate::install::cleanup(&o).map_err(CliError::Failed)),
+            .and_then(|o| crate::install::cleanup(&o).map_err(|e| CliError::Failed(e.to_string()))),
         "version" | "--version" | "-V" => {
             println!("mesh-redirect {}", env!("CARGO_PKG_VERSION"));
             println!(

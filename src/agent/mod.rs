@@ -15,6 +15,7 @@ pub mod cri;
 pub mod events;
 pub mod health;
 pub mod http;
+pub mod installer;
 pub mod metrics;
 pub mod options;
 pub mod readiness;
@@ -22,7 +23,6 @@ pub mod reconcile;
 pub mod sandbox_netns;
 
 use crate::args::CliError;
-use crate::install;
 use health::{Health, Worker};
 use metrics::Metrics;
 use prometheus_client::registry::Registry;
@@ -65,7 +65,7 @@ impl Shared {
         self.metrics.ready.set(self.readiness.is_ready() as i64);
     }
 
-    fn set_install(&self, s: &install::Status) {
+    fn set_install(&self, s: &installer::Status) {
         let m = &self.metrics;
         m.chain_in_place.set(s.chained.is_some() as i64);
         m.flapping.set(s.flapping as i64);
@@ -90,16 +90,16 @@ pub enum AgentError {
     NoPlugin(PathBuf),
     #[error("block signals: {0}")]
     Signals(nix::Error),
-    #[error("{0}")]
-    PluginConfig(String),
+    #[error(transparent)]
+    PluginConfig(crate::install::InstallError),
     #[error("listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("event socket {0}: {1}")]
     EventSocket(PathBuf, std::io::Error),
     #[error("cannot start the {0} thread: {1}")]
     Thread(&'static str, std::io::Error),
-    #[error("{0}")]
-    Install(String),
+    #[error(transparent)]
+    Install(crate::install::InstallError),
 }
 
 /// The plugin binary this agent installs: `mesh-redirect` beside it.
@@ -180,7 +180,7 @@ fn run(opts: Options) -> Result<(), AgentError> {
         .as_object()
         .map(crate::config::PluginConfig::from_conf)
         .transpose()
-        .map_err(|e| AgentError::PluginConfig(format!("plugin config: {}", e.msg)))?
+        .map_err(|e| AgentError::PluginConfig(crate::install::InstallError::PluginConfig(e.msg)))?
         .unwrap_or_default();
 
     let reconciling = !opts.reconcile_period.is_zero();
@@ -249,7 +249,7 @@ fn run(opts: Options) -> Result<(), AgentError> {
         spawn("reconcile", move || reconcile::run(st, r, period, started))?;
     }
     let st = shared.clone();
-    install::run(opts.install.clone(), plugin, entry, move |s| {
+    installer::run(opts.install.clone(), plugin, entry, move |s| {
         st.health.beat(Worker::Installer);
         st.set_install(s)
     })

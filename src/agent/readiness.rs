@@ -4,6 +4,7 @@
 //! found capture bypassed on this node. Pods that defend their own table are reported, not
 //! gating: one pod must not hold up a rollout across the cluster.
 
+use super::installer::ChainNotReady;
 use super::reconcile::{PassError, PodIssue};
 use std::fmt;
 use std::sync::Mutex;
@@ -15,8 +16,8 @@ pub enum NotReady {
     Starting,
     /// The installer's own reason (binary not in place, no valid primary config, a write
     /// refused).
-    #[error("{0}")]
-    Chain(String),
+    #[error(transparent)]
+    Chain(ChainNotReady),
     #[error("waiting for the chain to be in place before reconciling")]
     WaitingForChain,
     #[error("no reconcile pass yet")]
@@ -56,7 +57,7 @@ pub enum Reconcile {
 
 /// The parts of readiness, each set by the thread that knows it.
 pub struct Readiness {
-    chain: Mutex<Option<Result<(), String>>>,
+    chain: Mutex<Option<Result<(), ChainNotReady>>>,
     /// Shown in the probe's body, ready or not; never gating.
     warnings: Mutex<Vec<String>>,
     reconcile: Mutex<Reconcile>,
@@ -106,7 +107,7 @@ impl Readiness {
         matches!(*lock(&self.chain), Some(Ok(())))
     }
 
-    pub fn set_chain(&self, r: Result<(), String>) {
+    pub fn set_chain(&self, r: Result<(), ChainNotReady>) {
         *lock(&self.chain) = Some(r);
     }
 

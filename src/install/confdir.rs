@@ -12,7 +12,8 @@
 //! while (inotify on the inode, plus an fd to read it), because a writer that opened it before
 //! the swap writes into it after: that write is a newer version too.
 
-use super::conflist::{self, Conf};
+use super::conflist::{self, Conf, ConfError};
+use super::error::InstallError;
 use super::files::{self, TempTag, Version};
 use super::log;
 use nix::sys::inotify::{AddWatchFlags, Inotify, WatchDescriptor};
@@ -136,12 +137,30 @@ struct Primary {
 }
 
 /// What the conf dir offers.
+/// Why the runtime's first file is not one we can chain into yet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("not a readable regular file")]
+    Unreadable,
+    #[error(transparent)]
+    Conf(#[from] ConfError),
+}
+
+/// Why we are not chained, while waiting for a (valid) primary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Waiting {
+    #[error("no primary network config yet")]
+    NoPrimary,
+    #[error("the runtime's first network config {file} is not valid ({why}): waiting for it")]
+    Invalid { file: String, why: Invalid },
+}
+
 enum Found {
     Primary(Primary),
     /// No config file yet.
     Nothing,
     /// The runtime's first file is not a usable config (half-written, or broken): wait.
-    Invalid(OsString, String),
+    Invalid(OsString, Invalid),
 }
 
 /// An inode we took out from under a config name, watched for late in-place writes.
@@ -170,7 +189,7 @@ pub struct ConfDir {
     /// The file our entry is in, once chained.
     pub chained: Option<OsString>,
     /// Why we are not chained, while waiting for a (valid) primary.
-    pub waiting: Option<String>,
+    pub waiting: Option<Waiting>,
     /// What is under the primary's name as of our last look or write.
     known: Option<(OsString, Version)>,
     /// Versions found under the primary's name that we did not put there: the primary
@@ -181,7 +200,7 @@ pub struct ConfDir {
     /// Times the entry was put back after the file was rewritten without it.
     pub rechains: u64,
     flapped_at: Option<Instant>,
-    reported: Option<(OsString, String)>,
+    reported: Option<(OsString, Invalid)>,
     waiting_logged: bool,
     /// The plugin types of the primary as last read (the first is the primary plugin).
     pub primary_types: Vec<String>,
@@ -252,7 +271,7 @@ impl ConfDir {
                 if self.conf_name.is_some() {
                     continue;
                 }
-                return Ok(Found::Invalid(name, "not a readable regular file".into()));
+                return Ok(Found::Invalid(name, Invalid::Unreadable));
             };
             drop(file);
             return Ok(match conflist::parse(&version.bytes, is_list(&name)) {
@@ -261,7 +280,7 @@ impl ConfDir {
                     conf,
                     version,
                 }),
-                Err(why) => Found::Invalid(name, why),
+                Err(why) => Found::Invalid(name, why.into()),
             });
         }
         Ok(Found::Nothing)
@@ -269,13 +288,12 @@ impl ConfDir {
 
     /// Brings the dir to "our entry last in the primary, nowhere else". `Ok(false)`: waiting
     /// (no primary, or an invalid one).
-    pub fn reconcile(&mut self, inotify: &Inotify) -> Result<bool, String> {
+    pub fn reconcile(&mut self, inotify: &Inotify) -> Result<bool, InstallError> {
         let dir = self.dir.clone();
+        let in_dir = |e| InstallError::file(dir.display().to_string(), e);
         // What an installer that died mid-write left (a no-op unless it did).
-        recover(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let found = self
-            .find_primary()
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        recover(&dir).map_err(in_dir)?;
+        let found = self.find_primary().map_err(in_dir)?;
         let p = match found {
             Found::Primary(p) => p,
             Found::Nothing => {
@@ -288,21 +306,21 @@ impl ConfDir {
                     self.waiting_logged = true;
                 }
                 self.chained = None;
-                self.waiting = Some("no primary network config yet".into());
+                self.waiting = Some(Waiting::NoPrimary);
                 return Ok(false);
             }
             Found::Invalid(name, why) => {
-                self.waiting = Some(format!(
-                    "the runtime's first network config {} is not valid ({why}): waiting for it",
-                    show(&name)
-                ));
+                self.waiting = Some(Waiting::Invalid {
+                    file: show(&name),
+                    why: why.clone(),
+                });
                 let key = (name.clone(), why.clone());
                 if self.reported.as_ref() != Some(&key) {
                     log(
                         "warn",
                         "the runtime's first network config is not valid: waiting for it (the \
                          runtime does not load the dir either), touching no other file",
-                        json!({"file": show(&name), "error": why}),
+                        json!({"file": show(&name), "error": why.to_string()}),
                     );
                     self.reported = Some(key);
                 }
@@ -322,10 +340,7 @@ impl ConfDir {
         }
         let path = dir.join(&p.name);
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(format!(
-                "primary config {} is a symlink; refusing to replace it",
-                show(&p.name)
-            ));
+            return Err(InstallError::PrimaryIsSymlink(show(&p.name)));
         }
         let list = conflist::as_list(&p.conf);
         self.primary_types = conflist::types(&list)
@@ -347,20 +362,16 @@ impl ConfDir {
         }
         // A chain mesh-redirect cannot speak would fail every pod's ADD on the node.
         crate::protocol::negotiate_version(&list, crate::protocol::Command::Add).map_err(|e| {
-            format!(
-                "primary config {}: {}; not chaining into it",
-                show(&p.name),
-                e.msg
-            )
+            InstallError::CannotSpeak {
+                file: show(&p.name),
+                why: e.msg,
+            }
         })?;
         let target = match p.conf {
             Conf::List(_) => p.name.clone(),
-            Conf::Single(_) => list_twin(&p.name).ok_or_else(|| {
-                format!(
-                    "cannot turn {} into a list: the .conflist name would be longer than {NAME_MAX} bytes",
-                    show(&p.name)
-                )
-            })?,
+            Conf::Single(_) => {
+                list_twin(&p.name).ok_or_else(|| InstallError::ListNameTooLong(show(&p.name)))?
+            }
         };
         if matches!(p.conf, Conf::List(_)) && conflist::is_chained(&list, &self.entry) {
             self.known = Some((p.name.clone(), p.version));
@@ -368,11 +379,10 @@ impl ConfDir {
             return self.unchain_others(&target).map(|()| true);
         }
         if target != p.name && dir.join(&target).exists() && !self.is_ours_converted(&target) {
-            return Err(format!(
-                "cannot turn {} into a list: {} exists and is not ours",
-                show(&p.name),
-                show(&target)
-            ));
+            return Err(InstallError::ListNameTaken {
+                from: show(&p.name),
+                to: show(&target),
+            });
         }
         let mode = files::mode_of(&path);
         self.keep_backup(&p.name, &list, &p.version.bytes, mode)?;
@@ -381,7 +391,7 @@ impl ConfDir {
             self.replace(inotify, &p.name, p.version, chained, mode)?;
         } else {
             files::write_atomic(&dir, &target, &chained, mode)
-                .map_err(|e| format!("{}: {e}", show(&target)))?;
+                .map_err(|e| InstallError::file(show(&target), e))?;
             self.move_out(inotify, &p.name, &p.version)?;
         }
         let rewritten = self.chained.as_ref() == Some(&target);
@@ -409,13 +419,13 @@ impl ConfDir {
         list: &serde_json::Map<String, Value>,
         bytes: &[u8],
         mode: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), InstallError> {
         if conflist::has_ours(list) {
             return Ok(());
         }
         let backup = backup_name(name);
         files::write_atomic(&self.dir, &backup, bytes, mode)
-            .map_err(|e| format!("{}: {e}", show(&backup)))
+            .map_err(|e| InstallError::file(show(&backup), e))
     }
 
     /// Puts `content` under `name`, where we read `read`, by exchange; while what comes out is
@@ -428,9 +438,9 @@ impl ConfDir {
         read: Version,
         content: Vec<u8>,
         mode: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), InstallError> {
         let dir = self.dir.clone();
-        let err = |e: io::Error| format!("{}: {e}", show(name));
+        let err = |e: io::Error| InstallError::file(show(name), e);
         let mut expected = read;
         let mut content = content;
         for _ in 0..MAX_ROUNDS {
@@ -454,10 +464,7 @@ impl ConfDir {
             let out = self.take_out(inotify, &tmp, name, false);
             self.known = Some((name.to_owned(), placed.clone()));
             let Some(out) = out else {
-                return Err(format!(
-                    "{}: the file displaced while chaining is not a regular file",
-                    show(name)
-                ));
+                return Err(InstallError::DisplacedNotRegular(show(name)));
             };
             if out == expected {
                 return Ok(());
@@ -501,9 +508,14 @@ impl ConfDir {
 
     /// Removes a `.conf` we turned into a list, if it still holds what we read: moved out by
     /// rename first, so a newer version renamed over it meanwhile is put back, not deleted.
-    fn move_out(&mut self, inotify: &Inotify, name: &OsStr, read: &Version) -> Result<(), String> {
+    fn move_out(
+        &mut self,
+        inotify: &Inotify,
+        name: &OsStr,
+        read: &Version,
+    ) -> Result<(), InstallError> {
         let dir = self.dir.clone();
-        files::claim(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        files::claim(&dir).map_err(|e| InstallError::file(dir.display().to_string(), e))?;
         let tmp = files::temp_name(TempTag::MovedOut {
             target: files::fnv1a(name.as_bytes()),
             read: files::fnv1a(&read.bytes),
@@ -511,7 +523,7 @@ impl ConfDir {
         match std::fs::rename(dir.join(name), dir.join(&tmp)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("{}: {e}", show(name))),
+            Err(e) => return Err(InstallError::file(show(name), e)),
         }
         match self.take_out(inotify, &tmp, name, true) {
             Some(out) if out != *read => self.put_back(name, &out.bytes),
@@ -520,12 +532,12 @@ impl ConfDir {
     }
 
     /// Restores `bytes` under `name` unless something (newer) is already there.
-    fn put_back(&self, name: &OsStr, bytes: &[u8]) -> Result<(), String> {
+    fn put_back(&self, name: &OsStr, bytes: &[u8]) -> Result<(), InstallError> {
         files::write_new(&self.dir, name, bytes, 0o644).or_else(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
                 Ok(())
             } else {
-                Err(format!("{}: {e}", show(name)))
+                Err(InstallError::file(show(name), e))
             }
         })
     }
@@ -608,7 +620,7 @@ impl ConfDir {
         &mut self,
         inotify: &Inotify,
         wd: WatchDescriptor,
-    ) -> Result<(), String> {
+    ) -> Result<(), InstallError> {
         let Some(i) = self.displaced.iter().position(|d| d.wd == wd) else {
             return Ok(());
         };
@@ -717,7 +729,7 @@ impl ConfDir {
         self.flapped_at.is_some_and(|t| t.elapsed() <= FLAP_WINDOW)
     }
 
-    fn unchain_others(&mut self, keep: &OsStr) -> Result<(), String> {
+    fn unchain_others(&mut self, keep: &OsStr) -> Result<(), InstallError> {
         unchain_dir(&self.dir, Some(keep))
     }
 }
@@ -893,13 +905,14 @@ fn without_us(bytes: &[u8], list: bool) -> Vec<u8> {
 /// bytes where we kept them and the file is otherwise unchanged; restores `.conf` files we
 /// turned into lists. Every write goes in by exchange, so a version the primary plugin writes
 /// meanwhile is not lost: it comes back without our entry.
-pub fn unchain_dir(dir: &Path, keep: Option<&OsStr>) -> Result<(), String> {
-    let err = |n: &OsStr, e: io::Error| format!("{}: {e}", show(n));
-    recover(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let names = conf_files(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn unchain_dir(dir: &Path, keep: Option<&OsStr>) -> Result<(), InstallError> {
+    let err = |n: &OsStr, e: io::Error| InstallError::file(show(n), e);
+    let in_dir = |e| InstallError::file(dir.display().to_string(), e);
+    recover(dir).map_err(in_dir)?;
+    let names = conf_files(dir).map_err(in_dir)?;
     // Backups first: they say which files we changed and what they were.
     let backups: Vec<OsString> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .map_err(in_dir)?
         .flatten()
         .map(|e| e.file_name())
         .filter(|n| n.as_bytes().ends_with(files::BACKUP_SUFFIX.as_bytes()))
@@ -964,7 +977,7 @@ pub fn unchain_dir(dir: &Path, keep: Option<&OsStr>) -> Result<(), String> {
         );
     }
     // Entries without a backup (e.g. written by hand or by an older installer).
-    for name in conf_files(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+    for name in conf_files(dir).map_err(in_dir)? {
         if Some(name.as_os_str()) == keep {
             continue;
         }

@@ -17,37 +17,58 @@ pub enum Conf {
 }
 
 /// Why a file is not a usable network config.
-pub fn parse(bytes: &[u8], is_list_file: bool) -> Result<Conf, String> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("a conflist needs a \"name\"")]
+    ListWithoutName,
+    #[error("a conflist needs a \"plugins\" array")]
+    NoPlugins,
+    #[error("\"plugins\" is empty")]
+    EmptyPlugins,
+    #[error("every plugin needs a \"type\"")]
+    PluginWithoutType,
+    #[error("a single-plugin config needs a \"type\"")]
+    NoType,
+    #[error("a network config needs a \"name\"")]
+    NoName,
+}
+
+/// What `bytes` hold as a network config, or why they are not one.
+pub fn parse(bytes: &[u8], is_list_file: bool) -> Result<Conf, ConfError> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| ConfError::Json(e.to_string()))?;
     let Value::Object(m) = v else {
-        return Err("not a JSON object".into());
+        return Err(ConfError::NotObject);
     };
     if is_list_file || m.contains_key("plugins") {
         if !has_str(&m, "name") {
-            return Err("a conflist needs a \"name\"".into());
+            return Err(ConfError::ListWithoutName);
         }
         let plugins = m
             .get("plugins")
             .and_then(Value::as_array)
-            .ok_or("a conflist needs a \"plugins\" array")?;
+            .ok_or(ConfError::NoPlugins)?;
         if plugins.is_empty() {
-            return Err("\"plugins\" is empty".into());
+            return Err(ConfError::EmptyPlugins);
         }
         if !plugins.iter().all(|p| {
             p.get("type")
                 .and_then(Value::as_str)
                 .is_some_and(|t| !t.is_empty())
         }) {
-            return Err("every plugin needs a \"type\"".into());
+            return Err(ConfError::PluginWithoutType);
         }
         Ok(Conf::List(m))
     } else {
         if !has_str(&m, "type") {
-            return Err("a single-plugin config needs a \"type\"".into());
+            return Err(ConfError::NoType);
         }
         // Its name becomes the list's, which runtimes require.
         if !has_str(&m, "name") {
-            return Err("a network config needs a \"name\"".into());
+            return Err(ConfError::NoName);
         }
         Ok(Conf::Single(m))
     }
@@ -184,7 +205,7 @@ mod tests {
             (br#"{"name":"n","type":"bridge"}"#, true, "plugins"),
         ] {
             let e = parse(bad, list).unwrap_err();
-            assert!(e.contains(why), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
         }
     }
 

@@ -406,9 +406,21 @@ pub fn install_file(src: &Path, dir: &Path, name: &str, mode: u32) -> io::Result
     Ok(true)
 }
 
-/// The shared libraries the running binary loaded that a node might lack (libnftnl, libmnl).
+/// The shared libraries the running binary loaded that a node might lack: libmnl (and
+/// libnftnl, in a build that links it shared; see build.rs). Read once per process.
 pub fn bundled_libs() -> Vec<PathBuf> {
-    bundled_in_maps(&fs::read_to_string("/proc/self/maps").unwrap_or_default())
+    static LIBS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+    LIBS.get_or_init(|| bundled_in_maps(&fs::read_to_string("/proc/self/maps").unwrap_or_default()))
+        .clone()
+}
+
+/// Whether every library of [`bundled_libs`] is in `bin_dir`'s library directory.
+pub fn libs_installed(bin_dir: &Path) -> bool {
+    let dir = bin_dir.join(LIBS_DIR);
+    bundled_libs().iter().all(|l| {
+        let name = l.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        dir.join(soname(name)).is_file()
+    })
 }
 
 /// [`bundled_libs`] from a `/proc/PID/maps` text: libnftnl and libmnl only, by name. The
@@ -434,7 +446,7 @@ fn bundled_in_maps(maps: &str) -> Vec<PathBuf> {
 }
 
 /// Installs `plugin` as `bin_dir/mesh-redirect`, with the libraries the running process loaded
-/// (the agent links the same libnftnl and libmnl) first, so the binary never appears before
+/// (the agent links the same ones as the plugin) first, so the binary never appears before
 /// what it needs. Returns whether anything was written.
 pub fn install_binary(bin_dir: &Path, plugin: &Path) -> io::Result<bool> {
     let libs_dir = bin_dir.join(LIBS_DIR);

@@ -1,29 +1,19 @@
-//! Node installer (SPEC §5): the chaining half of the node agent (`mesh-redirect install`, the
-//! DaemonSet's command), and `mesh-redirect uninstall`.
-//!
-//! [`run`] copies the plugin into the host's CNI bin dir, chains it into the primary network
-//! config (the runtime's first file, as libcni picks it), keeps it chained when the primary
-//! plugin rewrites its file, reports its status after every step (the agent serves it as
-//! readiness and metrics), and undoes it all on SIGTERM/SIGINT. One thread, one `poll` loop
-//! over inotify and a signalfd.
+//! Node installer (docs/DESIGN.md, "The installer's write protocol"): what chaining
+//! mesh-redirect into a node's CNI config takes, file by file, and `mesh-redirect uninstall`.
+//! The loop that keeps it chained is the node agent's (`agent::installer`); the plugin binary
+//! carries only what `uninstall` needs.
 
 pub mod confdir;
 pub mod conflist;
+pub mod error;
 pub mod files;
 
 use crate::args::{self, CliError, Spec};
-use confdir::ConfDir;
 pub use confdir::unchain_dir;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+pub use error::InstallError;
 use serde_json::{Value, json};
-use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// `install`/`uninstall` options; every flag also reads an environment variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,20 +142,18 @@ impl Options {
 
     /// The mesh-redirect entry to chain: the operator's `--plugin-config` with `type` and the
     /// annotations capability forced.
-    pub fn entry(&self) -> Result<Value, String> {
+    pub fn entry(&self) -> Result<Value, InstallError> {
         let plugin_config = match &self.plugin_config {
             None => None,
             Some(p) => {
-                let text = std::fs::read(p)
-                    .map_err(|e| format!("cannot read --plugin-config {}: {e}", p.display()))?;
+                let text =
+                    std::fs::read(p).map_err(|err| InstallError::PluginConfigUnreadable {
+                        path: p.clone(),
+                        err,
+                    })?;
                 match serde_json::from_slice::<Value>(&text) {
                     Ok(Value::Object(m)) => Some(m),
-                    _ => {
-                        return Err(format!(
-                            "--plugin-config {} is not a JSON object",
-                            p.display()
-                        ));
-                    }
+                    _ => return Err(InstallError::PluginConfigNotObject(p.clone())),
                 }
             }
         };
@@ -173,7 +161,7 @@ impl Options {
         // Fail early on a config the plugin itself would reject at every ADD.
         if let Some(m) = entry.as_object() {
             crate::config::PluginConfig::from_conf(m)
-                .map_err(|e| format!("plugin config: {}", e.msg))?;
+                .map_err(|e| InstallError::PluginConfig(e.msg))?;
         }
         Ok(entry)
     }
@@ -184,321 +172,13 @@ pub(crate) fn log(level: &str, msg: &str, extra: Value) {
     crate::log::line(crate::log::Component::Installer, level, msg, extra);
 }
 
-/// The installer's state between events.
-struct Installer {
-    opts: Options,
-    /// The plugin binary to install (beside the agent's own).
-    plugin: PathBuf,
-    conf: ConfDir,
-    binary_current: bool,
-    /// (inode, mtime, size) of the binary when last found current: re-read only when it changes.
-    binary_stamp: Option<files::Stamp>,
-    last_error: Option<String>,
-    /// Why the plugin must not be installed on this node at all (its glibc is too old).
-    refused: Option<String>,
-}
-
-impl Installer {
-    fn new(opts: Options, plugin: PathBuf, entry: Value) -> Installer {
-        let conf = ConfDir::new(
-            opts.conf_dir.clone(),
-            opts.conf_name.as_ref().map(OsString::from),
-            entry,
-        );
-        Installer {
-            opts,
-            plugin,
-            conf,
-            binary_current: false,
-            binary_stamp: None,
-            last_error: None,
-            refused: None,
-        }
-    }
-
-    fn status(&self) -> Status {
-        let mut warnings = Vec::new();
-        if self.conf.flapping() {
-            warnings.push(format!("flapping: {}", self.conf.flap_hint()));
-        }
-        let conflicts = self.conf.conflicts();
-        if !conflicts.is_empty() {
-            warnings.push(format!(
-                "{} in the chain too: new pods get two capture layers until it is removed \
-                 (migrating: install mesh-redirect, roll the pods, then remove it)",
-                conflicts.join(", ")
-            ));
-        }
-        Status {
-            ready: self.ready(),
-            chained: self.conf.chained.as_ref().map(|c| confdir::show(c)),
-            binary_current: self.binary_current,
-            rechains: self.conf.rechains,
-            flapping: self.conf.flapping(),
-            warnings,
-        }
-    }
-
-    fn ready(&self) -> Result<(), String> {
-        if let Some(e) = &self.refused {
-            return Err(e.clone());
-        }
-        if let Some(e) = &self.last_error {
-            return Err(e.clone());
-        }
-        if !self.binary_current {
-            return Err("the plugin binary is not in place".into());
-        }
-        if self.conf.chained.is_none() {
-            return Err(format!(
-                "not chained: {}",
-                self.conf
-                    .waiting
-                    .as_deref()
-                    .unwrap_or("no primary network config")
-            ));
-        }
-        Ok(())
-    }
-
-    /// Whether the installed binary is still ours: cheap unless the file changed.
-    fn check_binary(&mut self) {
-        let stamp = files::stamp(&self.opts.bin_dir.join(files::BINARY));
-        if stamp.is_none() || stamp != self.binary_stamp {
-            self.binary_current = files::binary_is_current(&self.opts.bin_dir, &self.plugin);
-            self.binary_stamp = if self.binary_current { stamp } else { None };
-        }
-    }
-
-    fn install_binary(&mut self) {
-        match files::install_binary(&self.opts.bin_dir, &self.plugin) {
-            Ok(wrote) => {
-                self.binary_current = true;
-                if wrote {
-                    log(
-                        "info",
-                        "installed the plugin binary",
-                        json!({"dir": self.opts.bin_dir}),
-                    );
-                }
-            }
-            Err(e) => {
-                self.binary_current = false;
-                log(
-                    "error",
-                    "cannot install the plugin binary",
-                    json!({"dir": self.opts.bin_dir, "error": e.to_string()}),
-                );
-            }
-        }
-    }
-
-    /// Records the outcome of a conf dir operation (logging a new error once).
-    fn outcome(&mut self, r: Result<(), String>) {
-        match r {
-            Ok(()) => self.last_error = None,
-            Err(e) => {
-                if self.last_error.as_ref() != Some(&e) {
-                    log("error", "cannot chain mesh-redirect", json!({"error": e}));
-                }
-                self.last_error = Some(e);
-            }
-        }
-    }
-
-    fn reconcile(&mut self, inotify: &Inotify) {
-        let r = self.conf.reconcile(inotify).map(|_| ());
-        self.outcome(r);
-    }
-
-    /// Handles inotify events in order: a write into an inode we displaced is a version of the
-    /// primary older than any change to the dir queued after it, so it goes first.
-    fn on_events(&mut self, inotify: &Inotify) {
-        let mut dirty = false;
-        while let Ok(events) = inotify.read_events() {
-            if events.is_empty() {
-                break;
-            }
-            for ev in events {
-                if self.conf.watches(ev.wd) {
-                    if dirty {
-                        self.reconcile(inotify);
-                        dirty = false;
-                    }
-                    let r = self.conf.on_displaced_write(inotify, ev.wd);
-                    self.outcome(r);
-                } else {
-                    dirty = true;
-                }
-            }
-        }
-        if dirty {
-            self.reconcile(inotify);
-        }
-    }
-}
-
-/// What the installer reports after each step: readiness, and what the agent's metrics show.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    pub ready: Result<(), String>,
-    /// The file our entry is in.
-    pub chained: Option<String>,
-    /// The installed binary is byte for byte the plugin beside the agent.
-    pub binary_current: bool,
-    /// Times the entry was put back after another component rewrote the file without it.
-    pub rechains: u64,
-    /// That happened `FLAP_LIMIT` times within a minute.
-    pub flapping: bool,
-    /// What the operator should know while chaining works: a fight over the file (naming the
-    /// plugin, and the fix for Cilium), another mesh's capture plugin in the chain.
-    pub warnings: Vec<String>,
-}
-
-/// Installs `plugin` and keeps `entry` (see [`Options::entry`]) chained until SIGTERM/SIGINT
-/// (which the caller must have blocked in every thread: the loop takes them from a signalfd),
-/// calling `report` after every step. On the signal, removes everything (unless
-/// `keep_on_exit`) and returns.
-pub fn run(
-    opts: Options,
-    plugin: PathBuf,
-    entry: Value,
-    mut report: impl FnMut(&Status),
-) -> Result<(), String> {
-    let mut mask = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT] {
-        mask.add(s);
-    }
-    mask.thread_block()
-        .map_err(|e| format!("block signals: {e}"))?;
-    let sigfd =
-        SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).map_err(|e| format!("signalfd: {e}"))?;
-    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-        .map_err(|e| format!("inotify: {e}"))?;
-    let watch = AddWatchFlags::IN_CREATE
-        | AddWatchFlags::IN_CLOSE_WRITE
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_DELETE
-        | AddWatchFlags::IN_ATTRIB;
-    for d in [&opts.conf_dir, &opts.bin_dir] {
-        inotify
-            .add_watch(d, watch)
-            .map_err(|e| format!("watch {}: {e}", d.display()))?;
-    }
-    let mut inst = Installer::new(opts.clone(), plugin.clone(), entry);
-    let needs = files::glibc_requirement_of(&plugin).ok().flatten();
-    log(
-        "info",
-        "starting",
-        json!({"binDir": opts.bin_dir, "confDir": opts.conf_dir, "plugin": plugin,
-            "nodeNeeds": needs.map(|(a, b)| format!("glibc >= {a}.{b} (libnftnl and libmnl ship in {})", files::LIBS_DIR))}),
-    );
-    if let (Some(loader), Some(need)) = (&opts.node_loader, needs) {
-        match files::node_glibc(loader) {
-            Ok(have) if have < need => {
-                let msg = format!(
-                    "not installing: the node's glibc is {}.{} (its loader {}), and the plugin \
-                     needs {}.{}: every pod's ADD would fail to start the plugin. Build the image \
-                     on an older glibc, or run nodes with a newer one",
-                    have.0,
-                    have.1,
-                    loader.display(),
-                    need.0,
-                    need.1
-                );
-                log(
-                    "error",
-                    "the node's glibc cannot run the plugin",
-                    json!({"error": msg}),
-                );
-                inst.refused = Some(msg);
-            }
-            Ok(have) => log(
-                "info",
-                "the node's glibc runs the plugin",
-                json!({"node": format!("{}.{}", have.0, have.1), "needs": format!("{}.{}", need.0, need.1)}),
-            ),
-            Err(e) => log(
-                "warn",
-                "cannot tell the node's glibc from its loader (installing anyway)",
-                json!({"loader": loader, "error": e.to_string()}),
-            ),
-        }
-    }
-    if inst.refused.is_none() {
-        inst.install_binary();
-        inst.reconcile(&inotify);
-    }
-    report(&inst.status());
-    loop {
-        let mut fds = [
-            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
-        ];
-        // Retry soon while something is wrong, or while displaced inodes are watched (to let
-        // them go in time); otherwise rely on events (plus a slow safety net).
-        let timeout = if inst.ready().is_ok() && !inst.conf.watching() {
-            30_000u16
-        } else {
-            1_000
-        };
-        match poll(&mut fds, PollTimeout::from(timeout)) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(format!("poll: {e}")),
-        }
-        let ready = |i: usize| {
-            fds[i]
-                .revents()
-                .is_some_and(|r| r.contains(PollFlags::POLLIN))
-        };
-        let (sig, changed) = (ready(0), ready(1));
-        if sig {
-            let _ = sigfd.read_signal();
-            inst.conf.release(&inotify);
-            if inst.opts.keep_on_exit {
-                log(
-                    "info",
-                    "signalled: leaving mesh-redirect installed (keep-on-exit)",
-                    json!({}),
-                );
-                return Ok(());
-            }
-            log(
-                "info",
-                "signalled: removing mesh-redirect from the node",
-                json!({}),
-            );
-            return cleanup(&inst.opts);
-        }
-        if inst.refused.is_some() {
-            // Nothing to do but say why; the events are read so that poll waits again.
-            while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
-            report(&inst.status());
-            continue;
-        }
-        inst.check_binary();
-        if !inst.binary_current {
-            inst.install_binary();
-            inst.check_binary();
-        }
-        if changed {
-            inst.on_events(&inotify);
-        } else {
-            inst.reconcile(&inotify);
-        }
-        inst.conf.expire(&inotify, Instant::now());
-        report(&inst.status());
-    }
-}
-
 /// Undoes everything: our entries (original files back) and, unless kept, the binary.
-pub fn cleanup(opts: &Options) -> Result<(), String> {
+pub fn cleanup(opts: &Options) -> Result<(), InstallError> {
     unchain_dir(&opts.conf_dir, None)?;
     files::release_claims(&opts.conf_dir);
     if !opts.keep_binary {
         files::remove_binary(&opts.bin_dir)
-            .map_err(|e| format!("{}: {e}", opts.bin_dir.display()))?;
+            .map_err(|e| InstallError::file(opts.bin_dir.display().to_string(), e))?;
     }
     log(
         "info",

@@ -453,7 +453,12 @@ impl Kubelet {
                             "MountVolume.SetUp failed for volume \"{vname}\": hostPath type check failed: {p} is not a directory"
                         ));
                     }
-                    "Directory" | "" => {}
+                    "File" if !local.is_file() => {
+                        return Err(format!(
+                            "MountVolume.SetUp failed for volume \"{vname}\": hostPath type check failed: {p} is not a file"
+                        ));
+                    }
+                    "Directory" | "File" | "" => {}
                     t => panic!("hostPath type {t} is not translated"),
                 }
                 local
