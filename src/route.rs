@@ -14,7 +14,7 @@
 //! Also the few additions the bypass probe needs to make its scratch namespace routable (`lo`
 //! up, an address, default routes: `Rtnl::link_up` and after).
 
-use crate::nftnl_ext::MsgBuf;
+use crate::ffi::netlink::{self, MsgBuf};
 pub use crate::ruleset::Routing;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
@@ -193,7 +193,7 @@ impl Rtnl {
     /// Opens the socket; call inside the target namespace.
     pub fn open() -> io::Result<Rtnl> {
         let sock = mnl::Socket::new(mnl::Bus::Route)?;
-        crate::nftnl_ext::set_recv_timeout(&sock, 10);
+        netlink::set_recv_timeout(&sock, 10);
         Ok(Rtnl {
             sock,
             buf: MsgBuf::new(),

@@ -6,9 +6,9 @@
 use ipnet::{Ipv4Net, Ipv6Net};
 use mesh_redirect::config::Mesh;
 use mesh_redirect::config::{Annotations, PluginConfig};
+use mesh_redirect::ffi::{Elem, KeyType};
 use mesh_redirect::kernel::encode_elems;
 use mesh_redirect::nft_text;
-use mesh_redirect::nftnl_ext::{Elem, KeyType};
 use mesh_redirect::policy::{
     self, Cidrs, Decision, DnsShape, Inbound, Marker, Mode, OutboundRanges, Plan, Pod, Ports, istio,
 };
