@@ -48,7 +48,12 @@ pub fn names(mesh: Mesh) -> Vec<&'static str> {
         &[]
     };
     std::iter::once(marker)
-        .chain(p.annotations.iter().map(|a| a.name).filter(|n| *n != marker))
+        .chain(
+            p.annotations
+                .iter()
+                .map(|a| a.name)
+                .filter(|n| *n != marker),
+        )
         .chain(per_key.iter().copied())
         .collect()
 }
@@ -87,7 +92,11 @@ pub fn max_rules(plan: &Plan) -> usize {
     let reroute = if plan.reroute_interfaces.is_empty() {
         0
     } else {
-        3 * (1 + plan.reroute_interfaces.iter().filter(|n| n.ends_with('+')).count())
+        3 * (1 + plan
+            .reroute_interfaces
+            .iter()
+            .filter(|n| n.ends_with('+'))
+            .count())
     };
     MAX_RULES + 5 * wild + uids + reroute
 }
@@ -180,7 +189,10 @@ fn check_istio_injection(ann: &Annotations) {
         );
         if init.is_some() || cont.is_some() {
             assert!(
-                init.iter().chain(cont.iter()).flatten().any(|c| c == "istio-proxy"),
+                init.iter()
+                    .chain(cont.iter())
+                    .flatten()
+                    .any(|c| c == "istio-proxy"),
                 "captured a pod without istio-proxy: {st}"
             );
         }
@@ -749,6 +761,7 @@ pub fn with_stderr_silenced<T>(f: impl FnOnce() -> T) -> T {
     let &(saved, null) = FDS.get_or_init(|| {
         // SAFETY: plain fd syscalls on descriptors we own.
         let saved = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 10) };
+        // SAFETY: a NUL-terminated path literal; the new descriptor is ours.
         let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
         assert!(saved >= 0 && null >= 0, "cannot set up stderr redirection");
         let prev = std::panic::take_hook();
@@ -762,6 +775,7 @@ pub fn with_stderr_silenced<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: as above; single-threaded harness.
     unsafe { libc::dup2(null, 2) };
     let out = f();
+    // SAFETY: puts fd 2 back from our saved copy.
     unsafe { libc::dup2(saved, 2) };
     out
 }
