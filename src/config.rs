@@ -1,5 +1,5 @@
 //! The plugin's own configuration (its conflist entry) and the pod annotations the runtime
-//! passes in `runtimeConfig`, read from the stdin network configuration (SPEC §3).
+//! passes in `runtimeConfig`, read from the stdin network configuration (docs/DESIGN.md §3.7).
 
 use crate::protocol::{CniError, code, json_kind};
 pub use crate::values::Annotations;

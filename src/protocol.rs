@@ -14,7 +14,7 @@ pub const LATEST: &str = "1.1.0";
 /// annotation is well under 1 MiB, so this only stops a runaway writer.
 pub const MAX_STDIN: usize = 8 << 20;
 
-/// Error codes: CNI's well-known ones and the plugin's own (SPEC §2).
+/// Error codes: CNI's well-known ones and the plugin's own (docs/DESIGN.md §4).
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
     pub const INVALID_ENV: u32 = 4;

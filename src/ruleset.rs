@@ -1,4 +1,4 @@
-//! Ruleset: a capture plan → the nftables objects of table `inet mesh_redirect` (SPEC §4).
+//! Ruleset: a capture plan → the nftables objects of table `inet mesh_redirect` (docs/DESIGN.md §2).
 //!
 //! The result is a small, backend-neutral description (sets, chains, rules made of matches and
 //! one action). `nft_text` renders it as `nft -f` input and `kernel` compiles it to netlink;
@@ -594,7 +594,7 @@ fn inbound_selection(
     Some((rules, selected))
 }
 
-/// REDIRECT mode inbound (SPEC §4 "Inbound"): nat prerouting, TCP only.
+/// REDIRECT mode inbound (docs/DESIGN.md §2.4): nat prerouting, TCP only.
 fn redirect_inbound(b: &mut Builder, plan: &Plan, ifaces: &Ifaces) -> Vec<Chain> {
     let Some((mut rules, selected)) = inbound_selection(b, plan, ifaces) else {
         return Vec::new();
@@ -737,7 +737,7 @@ fn tproxy_chains(b: &mut Builder, plan: &Plan, ifaces: &Ifaces) -> Vec<Chain> {
     chains
 }
 
-/// The outbound rules (SPEC §4 "Outbound", with the profile's switches), entered for TCP (and
+/// The outbound rules (docs/DESIGN.md §2.5, with the profile's switches), entered for TCP (and
 /// UDP when DNS is captured).
 fn outbound_chains(b: &mut Builder, plan: &Plan, ifaces: &Ifaces) -> Vec<Chain> {
     let shape = plan.shape;
@@ -1079,7 +1079,7 @@ mod tests {
             outbound.rules.last().unwrap().action,
             Action::Redirect(15001)
         );
-        // SPEC §4 order: excluded ports first, then passthrough, owner rules, localhost.
+        // The order of docs/DESIGN.md §2.5: excluded ports first, then passthrough, owner rules, localhost.
         assert_eq!(
             outbound.rules[0].matches,
             vec![Match::DportIn(SET_OUT_EXCLUDE_PORTS)]

@@ -1,7 +1,7 @@
 //! Policy: plugin config + pod annotations → "skip, because …" or a validated capture plan.
 //!
 //! Pure: no kernel, no I/O. Settings come, later winning, from the mesh profile's defaults, the
-//! plugin config and the pod's annotations (SPEC §3). The profile (`profiles`) says which
+//! plugin config and the pod's annotations (docs/DESIGN.md §3). The profile (`profiles`) says which
 //! annotations mean what; this engine applies them. Every malformed annotation is an error
 //! that names it; nothing ever falls back to "capture nothing" or "capture everything".
 
