@@ -12,12 +12,12 @@
 use super::Shared;
 use super::cri::{self, Cri, CriError};
 use super::health::Worker;
+use super::log;
 use super::metrics::{Kind, POD_STATES, Result_, State};
 use super::readiness::{NotReady, Reconcile};
 use super::sandbox_netns::{self, LocateError};
 use crate::config::{Annotations, PluginConfig};
 use crate::kernel::Sockets;
-use crate::log::{Component, line};
 use crate::pod::{self, PodPlan};
 use crate::policy::Pod;
 use crate::protocol::code;
@@ -26,10 +26,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn log(level: &str, msg: &str, extra: Value) {
-    line(Component::Agent, level, msg, extra);
-}
 
 /// Logged with a netns that cannot be entered: the usual cause when the agent is in a container.
 const NETNS_HINT: &str = "the agent in a container sees pods' netns files only through the host's \
