@@ -10,13 +10,14 @@ use super::health::Worker;
 use super::log;
 use super::metrics::{Command, Invocation, Kind};
 use crate::events::MAX_EVENT;
+use crate::install::files;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use serde_json::{Value, json};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,14 +32,7 @@ const MAX_CONCURRENT: usize = 256;
 /// Binds the socket at `path` (the caller owns it): its directory made (0700) if missing, a
 /// stale socket or a file in its place removed, the socket itself 0600.
 pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
+    files::private_parent(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => {
             return Err(std::io::Error::other(format!(
@@ -232,22 +226,8 @@ fn try_lock(f: File) -> io::Result<Lock> {
 impl Owner {
     /// Opens (creating) the lock file, its directory made 0700 if missing, and tries the lock.
     pub fn new(path: &Path) -> io::Result<Owner> {
-        if let Some(dir) = path.parent()
-            && !dir.exists()
-        {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(lock_path(path))?;
+        files::private_parent(path)?;
+        let f = files::open_lock_file(&lock_path(path))?;
         Ok(Owner {
             path: path.to_path_buf(),
             lock: Some(try_lock(f)?),

@@ -133,14 +133,7 @@ pub fn claim(dir: &Path) -> io::Result<()> {
     if held.iter().any(|(d, _)| d == dir) {
         return Ok(());
     }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dir.join(claim_name(owner_id())))?;
+    let f = open_lock_file(&dir.join(claim_name(owner_id())))?;
     let l = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| io::Error::from(e))?;
     held.push((dir.to_path_buf(), l));
     Ok(())
@@ -404,6 +397,29 @@ pub fn install_file(src: &Path, dir: &Path, name: &str, mode: u32) -> io::Result
     }
     finish(dir, &tmp, || fs::rename(dir.join(&tmp), dir.join(name)))?;
     Ok(true)
+}
+
+/// Opens (creating, 0600) a file that exists to be `flock`ed: never through a symlink.
+pub fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Makes `path`'s directory (0700, with its parents) if it is missing.
+pub fn private_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.exists() => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir),
+        _ => Ok(()),
+    }
 }
 
 /// The shared libraries the running binary loaded that a node might lack: libmnl (and
