@@ -22,7 +22,7 @@ use std::time::Instant;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainNotReady {
     #[error(transparent)]
-    Refused(#[from] NodeTooOld),
+    Refused(#[from] Refusal),
     /// The last write or read failed; it is retried every second.
     #[error("{message}")]
     Failed { cause: Cause, message: String },
@@ -30,6 +30,30 @@ pub enum ChainNotReady {
     BinaryNotInPlace,
     #[error("not chained: {0}")]
     NotChained(Waiting),
+}
+
+/// Why the plugin must not be installed on this node at all: it would fail every pod's ADD.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    NodeTooOld(#[from] NodeTooOld),
+    /// cri-dockerd (its CRI name is `docker`, cri-dockerd 246bd657 `core/docker_service.go`)
+    /// passes no pod annotations to CNI plugins, and the plugin fails closed without them.
+    #[error(
+        "not installing: the container runtime is {runtime} {version} (cri-dockerd), which \
+         passes no pod annotations to CNI plugins; mesh-redirect refuses a pod it cannot see \
+         the annotations of, so every pod's ADD on this node would fail. Use containerd or \
+         CRI-O (minikube: --container-runtime=containerd)"
+    )]
+    NoAnnotations { runtime: String, version: String },
+}
+
+/// The refusal a runtime calls for, by its CRI `Version` (name, version).
+pub fn runtime_refusal(name: &str, version: &str) -> Option<Refusal> {
+    (name == "docker").then(|| Refusal::NoAnnotations {
+        runtime: name.to_string(),
+        version: version.to_string(),
+    })
 }
 
 /// A node whose glibc cannot run the plugin.
@@ -57,8 +81,8 @@ struct Installer {
     binary_stamp: Option<files::Stamp>,
     /// The last failure, until a step succeeds (logged once per cause).
     last_error: Option<(Cause, String)>,
-    /// Why the plugin must not be installed on this node at all (its glibc is too old).
-    refused: Option<NodeTooOld>,
+    /// Why the plugin must not be installed on this node at all.
+    refused: Option<Refusal>,
 }
 
 impl Installer {
@@ -235,6 +259,7 @@ pub fn run(
     opts: Options,
     plugin: PathBuf,
     entry: Value,
+    refused: Option<Refusal>,
     mut report: impl FnMut(&Status),
 ) -> Result<(), InstallError> {
     let setup = |what: &str| {
@@ -281,7 +306,7 @@ pub fn run(
                     "the node's glibc cannot run the plugin",
                     json!({"error": refused.to_string()}),
                 );
-                inst.refused = Some(refused);
+                inst.refused = Some(refused.into());
             }
             Ok(have) => log(
                 "info",
@@ -294,6 +319,14 @@ pub fn run(
                 json!({"loader": loader, "error": e.to_string()}),
             ),
         }
+    }
+    if let Some(r) = refused {
+        log(
+            "error",
+            "the container runtime cannot run the plugin",
+            json!({"error": r.to_string()}),
+        );
+        inst.refused = Some(r);
     }
     if inst.refused.is_none() {
         inst.install_binary();
@@ -358,5 +391,19 @@ pub fn run(
         }
         inst.conf.expire(&inotify, Instant::now());
         report(&inst.status());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_runtime_that_passes_no_annotations_is_refused() {
+        let r = runtime_refusal("docker", "0.3.21").expect("cri-dockerd is refused");
+        assert!(r.to_string().contains("cri-dockerd"), "{r}");
+        for ok in ["containerd", "cri-o"] {
+            assert_eq!(runtime_refusal(ok, "2.3.4"), None, "{ok}");
+        }
     }
 }

@@ -102,6 +102,15 @@ pub enum AgentError {
     Install(crate::install::InstallError),
 }
 
+/// Asks the runtime who it is before anything is chained: one that passes no pod annotations
+/// to CNI (cri-dockerd) would see every pod's ADD fail. A runtime that does not answer yet is
+/// no reason to wait: the reconciler reports it.
+fn runtime_refusal(socket: Option<&std::path::Path>) -> Option<installer::Refusal> {
+    let socket = socket.map(PathBuf::from).or_else(cri::find_socket)?;
+    let v = cri::Cri::connect(&socket).ok()?.version().ok()?;
+    installer::runtime_refusal(&v.runtime_name, &v.runtime_version)
+}
+
 /// The plugin binary this agent installs: `mesh-redirect` beside it.
 fn plugin_binary() -> Result<PathBuf, AgentError> {
     let me = std::env::current_exe().map_err(AgentError::OwnBinary)?;
@@ -248,8 +257,9 @@ fn run(opts: Options) -> Result<(), AgentError> {
         );
         spawn("reconcile", move || reconcile::run(st, r, period, started))?;
     }
+    let refused = runtime_refusal(opts.cri_socket.as_deref());
     let st = shared.clone();
-    installer::run(opts.install.clone(), plugin, entry, move |s| {
+    installer::run(opts.install.clone(), plugin, entry, refused, move |s| {
         st.health.beat(Worker::Installer);
         st.set_install(s)
     })
