@@ -525,15 +525,18 @@ impl ConfDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(InstallError::file(show(name), e)),
         }
+        // The file's own mode, for putting a newer version back as it was.
+        let mode = files::mode_of(&dir.join(&tmp));
         match self.take_out(inotify, &tmp, name, true) {
-            Some(out) if out != *read => self.put_back(name, &out.bytes),
+            Some(out) if out != *read => self.put_back(name, &out.bytes, mode),
             _ => Ok(()),
         }
     }
 
-    /// Restores `bytes` under `name` unless something (newer) is already there.
-    fn put_back(&self, name: &OsStr, bytes: &[u8]) -> Result<(), InstallError> {
-        files::write_new(&self.dir, name, bytes, 0o644).or_else(|e| {
+    /// Restores `bytes` under `name` (with `mode`, the file's own) unless something (newer) is
+    /// already there.
+    fn put_back(&self, name: &OsStr, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+        files::write_new(&self.dir, name, bytes, mode).or_else(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
                 Ok(())
             } else {
@@ -647,9 +650,14 @@ impl ConfDir {
             "the primary plugin wrote into the file we had just replaced: chaining that version",
             json!({"file": show(&name)}),
         );
+        let own_mode = self.displaced[i]
+            .file
+            .metadata()
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+            .unwrap_or(0o644);
         if converted {
             // The `.conf` comes back; the next look turns it into the list again.
-            return self.put_back(&name, &bytes);
+            return self.put_back(&name, &bytes, own_mode);
         }
         let path = self.dir.join(&name);
         let mode = files::mode_of(&path);
@@ -657,7 +665,7 @@ impl ConfDir {
             Some((n, v)) if *n == name => v.clone(),
             _ => match files::open_version(&path, false) {
                 Ok((_, v)) => v,
-                Err(_) => return self.put_back(&name, &bytes),
+                Err(_) => return self.put_back(&name, &bytes, own_mode),
             },
         };
         let list = conflist::as_list(&conf);
