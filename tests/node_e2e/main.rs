@@ -10,22 +10,16 @@
 //! is built here (a static pause binary) since no registry is reachable. Everything is removed
 //! on drop, also on failure. `scripts/node-e2e.sh` runs it alone with the report visible.
 
+// The other test crates' shared support, one directory up from this crate root.
+#[path = "../common/mod.rs"]
 mod common;
-#[path = "node_e2e/cri.rs"]
 mod cri;
-#[path = "node_e2e/criproxy.rs"]
 mod criproxy;
-#[path = "node_e2e/daemonset.rs"]
 mod daemonset;
-#[path = "node_e2e/hostile.rs"]
 mod hostile;
-#[path = "node_e2e/image.rs"]
 mod image;
-#[path = "node_e2e/kubelet.rs"]
 mod kubelet;
-#[path = "node_e2e/kustomize.rs"]
 mod kustomize;
-#[path = "node_e2e/node.rs"]
 mod node;
 
 use common::{APP, PROXY, ROOT, STATUS, assert_answer, connect, hp, serve};
