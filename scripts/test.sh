@@ -12,7 +12,7 @@ for d in "$HOME/.cargo/bin" /root/.cargo/bin; do [ -d "$d" ] && PATH="$d:$PATH";
 export PATH
 
 echo "== cargo fmt --check"
-cargo fmt --check
+cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings -W clippy::undocumented_unsafe_blocks
 echo "== shellcheck"

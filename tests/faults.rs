@@ -1,8 +1,6 @@
 //! Faults and load against the real kernel: namespaces that vanish, kernels that refuse half a
 //! batch, concurrent and repeated invocations, bad stdin and environment.
 
-mod common;
-
 use common::*;
 use mesh_redirect::kernel::Kernel;
 use mesh_redirect::netns::Netns as PodNetns;

@@ -8,8 +8,6 @@
 //! 0c7aaec, `app/cni/pkg/cni`) builds from them: its builder there is byte for byte the one at
 //! 348b652 but for the module path, so one reference writer serves both.
 
-mod common;
-
 use common::twin::{Probe, ProxySpec, compare, load_reference, of, unmeshed_pod};
 use common::*;
 use serde_json::json;
@@ -264,7 +262,7 @@ fn ipv4_mode_leaves_ipv6_alone_and_the_validator_passes() {
     // Kuma's own validator, as the kuma-validation init container runs it.
     let pod = kuma_pod(HELM_DEFAULTS);
     for v6 in [false, true] {
-        let mut c = std::process::Command::new(PROBE);
+        let mut c = std::process::Command::new(probe());
         c.args(["--netns", &pod.pod.path(), "--gid", "5678", "--uid", "5678"]);
         c.args(["validate", "kuma"]);
         if v6 {
@@ -393,7 +391,7 @@ fn a_kuma_2x_pod_with_per_key_annotations_behaves_as_under_kuma_cni_2x() {
     ours.check().expect("CHECK");
     // kuma-validation, as the injector's CNI-mode init container runs it.
     for v6 in [false, true] {
-        let mut c = std::process::Command::new(PROBE);
+        let mut c = std::process::Command::new(probe());
         c.args([
             "--netns",
             &ours.pod.path(),

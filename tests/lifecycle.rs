@@ -1,7 +1,5 @@
 //! ADD/DEL/CHECK/VERSION/GC/STATUS driven the way a runtime drives them, against the real kernel.
 
-mod common;
-
 use common::cnichain::Attachment;
 use common::*;
 use serde_json::{Value, json};

@@ -10,8 +10,6 @@
 //! skipped, and the reason printed; so is a line that runs `scripts/test.sh` (this is that
 //! run).
 
-mod common;
-
 use common::*;
 use std::path::Path;
 use std::process::Command;
@@ -116,11 +114,6 @@ fn sandbox(script: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 #[test]
 fn every_command_readme_gives_runs_as_written() {
     require_root();
@@ -177,7 +170,7 @@ fn every_command_readme_gives_runs_as_written() {
 
 /// A cnitool stand-in built with the tests (`cargo test --all-targets` builds the examples).
 fn cnitool() -> String {
-    let p = Path::new(PLUGIN)
+    let p = Path::new(plugin())
         .parent()
         .expect("target dir")
         .join("examples/cnitool");
@@ -201,7 +194,7 @@ fn every_cni_conf_example_works_as_shipped() {
         .collect();
     names.sort();
     let mut used = Vec::new();
-    let plugin = PLUGIN;
+    let plugin = plugin();
     let cnitool = cnitool();
     // The chain, exactly as shipped, with the shipped pod annotations.
     let script = format!(

@@ -1,7 +1,5 @@
 //! TPROXY interception and DNS capture, proven with traffic in namespaces the test makes.
 
-mod common;
-
 use common::*;
 use serde_json::json;
 use std::process::Command;
@@ -84,7 +82,7 @@ fn tproxy_routing_brings_replies_to_a_proxy_keeping_the_clients_address() {
     // connection mark and table 133 bring them back to the proxy instead of out to eth0.
     let pod = Pod::meshed(&[TPROXY]);
     let _app = pod.app_server(&[8080]);
-    let out = std::process::Command::new(PROBE)
+    let out = std::process::Command::new(probe())
         .args(["--netns", &pod.pod.path(), "connect", &hp(&pod.ip4, 8080)])
         .args(["--from", GW4, "--mark", "1337", "--timeout-ms", "1500"])
         .output()
@@ -223,7 +221,7 @@ fn dns_conntrack_zones_keep_the_proxys_upstream_query_apart_from_the_apps() {
     let _dns = dns_proxy(&pod);
     let _resolver = resolver(&pod);
     let q = |who: Ident| {
-        let out = Command::new(PROBE)
+        let out = Command::new(probe())
             .args([
                 "--netns",
                 &pod.pod.path(),

@@ -10,9 +10,6 @@
 //! is built here (a static pause binary) since no registry is reachable. Everything is removed
 //! on drop, also on failure. `scripts/node-e2e.sh` runs it alone with the report visible.
 
-// The other test crates' shared support, one directory up from this crate root.
-#[path = "../common/mod.rs"]
-mod common;
 mod cri;
 mod criproxy;
 mod daemonset;
@@ -496,7 +493,7 @@ fn containerd_runs_kubelet_pods_through_the_installed_chain_and_they_are_capture
 /// Istio's `istio-validation` init container, as the kubelet runs (and retries) it in a pod:
 /// exit code 0 or 126.
 fn istio_validation(pod: &Sandbox) -> i32 {
-    std::process::Command::new(common::PROBE)
+    std::process::Command::new(common::probe())
         .args(["--netns", &pod.netns, "--gid", "1337", "--uid", "1337"])
         .args(["validate", "istio"])
         .output()
@@ -615,7 +612,7 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
         &["nft", "delete", "table", "inet", "mesh_redirect"],
     );
     let t = Instant::now();
-    node::wait_for(5, "web-b's table back", || has_table(&web_b.netns));
+    common::wait_for(5, "web-b's table back", || has_table(&web_b.netns));
     r.ok(&format!(
         "web-b's table back after {:.0} ms",
         t.elapsed().as_secs_f64() * 1e3
@@ -625,7 +622,7 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
         &["nft", "flush", "chain", "inet", "mesh_redirect", "outbound"],
     );
     let t = Instant::now();
-    node::wait_for(5, "web-b's outbound rules back", || {
+    common::wait_for(5, "web-b's outbound rules back", || {
         in_netns(
             &web_b.netns,
             &["nft", "list", "chain", "inet", "mesh_redirect", "outbound"],
@@ -785,7 +782,7 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     let sock = node.socket();
     let hidden = sock.with_extension("hidden");
     std::fs::rename(&sock, &hidden).unwrap();
-    node::wait_for(5, "not ready without the runtime", || {
+    common::wait_for(5, "not ready without the runtime", || {
         node.installer()
             .get("/readyz")
             .is_some_and(|(c, b)| c == 503 && b.contains("cannot reconcile"))
@@ -798,11 +795,11 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     // sandbox is still listed: passes go on.
     node.remove_pod(&plain);
     common::run(&["umount", &web_a.netns]);
-    node::wait_for(5, "the agent to report web-a", || {
+    common::wait_for(5, "the agent to report web-a", || {
         !agent_lines(&node, "cannot check a pod").is_empty()
     });
     // A meshed pod it cannot check is a pod possibly uncaptured: not ready, and says which.
-    node::wait_for(5, "not ready, naming web-a", || {
+    common::wait_for(5, "not ready, naming web-a", || {
         node.installer().get("/readyz").is_some_and(|(c, b)| {
             c == 503 && b.contains("1 meshed pod(s) not captured or not checked: default/web-a")
         })

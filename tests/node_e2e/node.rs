@@ -8,12 +8,12 @@
 //! dir, the cgroups, the shim sockets containerd 1.6 puts in /run/containerd/s, the node
 //! namespace and the temp dir. The host's root network namespace is never touched.
 
-use crate::common::{self, Netns, PLUGIN, REFERENCE_PLUGINS, TempDir, unique};
 use crate::cri::{self, Cri, PodSandboxConfig};
+use common::agent::{AgentProc, Launch, Program};
+use common::{Netns, REFERENCE_PLUGINS, TempDir, die_with_parent, run_cmd, tail, unique, wait_for};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,19 +35,6 @@ pub fn say(line: &str) {
     println!("[node-e2e] {line}");
 }
 
-/// Waits for `cond`, polling every 25 ms; panics with `what` after `secs`.
-#[track_caller]
-pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 /// A program on the usual root PATH, or `None`.
 pub fn which(name: &str) -> Option<PathBuf> {
     PATH_ENV
@@ -57,26 +44,14 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Runs a command, panicking with its output if it fails; returns stdout.
-#[track_caller]
-pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Runs `cmd` inside the network namespace at `netns` (nsenter: nothing else changes).
 pub fn in_netns(netns: &str, cmd: &[&str]) -> String {
-    run(Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .arg("--")
-        .args(cmd))
+    run_cmd(
+        Command::new("nsenter")
+            .arg(format!("--net={netns}"))
+            .arg("--")
+            .args(cmd),
+    )
 }
 
 /// The nftables tables in a namespace.
@@ -185,7 +160,7 @@ pub struct Node {
     pub cri: Cri,
     pub snapshotter: &'static str,
     containerd: Option<Child>,
-    installer: Option<Installer>,
+    installer: Option<AgentProc>,
     /// Every sandbox id the runtime gave us (for the shim sockets left in /run/containerd/s).
     ids: Vec<String>,
     /// The top cgroup of our pods (`cgroup_parent`), below every cgroup hierarchy.
@@ -395,23 +370,27 @@ disabled_plugins = [
         std::fs::create_dir_all(&layer_dir).unwrap();
         std::fs::create_dir_all(&blobs).unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node_e2e/pause.c");
-        run(Command::new("cc")
-            .args(["-static", "-Os", "-s", "-o"])
-            .arg(layer_dir.join("pause"))
-            .arg(&src));
+        run_cmd(
+            Command::new("cc")
+                .args(["-static", "-Os", "-s", "-o"])
+                .arg(layer_dir.join("pause"))
+                .arg(&src),
+        );
         let layer = dir.join("layer.tar");
-        run(Command::new("tar")
-            .args([
-                "--numeric-owner",
-                "--owner=0",
-                "--group=0",
-                "--mtime=@0",
-                "-C",
-            ])
-            .arg(&layer_dir)
-            .arg("-cf")
-            .arg(&layer)
-            .arg("pause"));
+        run_cmd(
+            Command::new("tar")
+                .args([
+                    "--numeric-owner",
+                    "--owner=0",
+                    "--group=0",
+                    "--mtime=@0",
+                    "-C",
+                ])
+                .arg(&layer_dir)
+                .arg("-cf")
+                .arg(&layer)
+                .arg("pause"),
+        );
         let blob = |bytes: &[u8]| -> (String, usize) {
             let d = sha256_hex(bytes);
             std::fs::write(blobs.join(&d), bytes).expect("write blob");
@@ -455,30 +434,34 @@ disabled_plugins = [
         )
         .unwrap();
         let tarball = dir.join("pause-image.tar");
-        run(Command::new("tar")
-            .arg("-C")
-            .arg(dir.join("oci"))
-            .arg("-cf")
-            .arg(&tarball)
-            .args(["oci-layout", "index.json", "blobs"]));
+        run_cmd(
+            Command::new("tar")
+                .arg("-C")
+                .arg(dir.join("oci"))
+                .arg("-cf")
+                .arg(&tarball)
+                .args(["oci-layout", "index.json", "blobs"]),
+        );
         self.import_image(&tarball, IMAGE)
     }
 
     /// `ctr images import` of an image archive into the CRI's namespace (as a pull would put
     /// it there); waits until the CRI's image service knows `reference`. Its id.
     pub fn import_image(&self, tarball: &Path, reference: &str) -> String {
-        run(Command::new("ctr")
-            .arg("--address")
-            .arg(self.socket())
-            .args([
-                "--namespace",
-                "k8s.io",
-                "images",
-                "import",
-                "--snapshotter",
-                self.snapshotter,
-            ])
-            .arg(tarball));
+        run_cmd(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(self.socket())
+                .args([
+                    "--namespace",
+                    "k8s.io",
+                    "images",
+                    "import",
+                    "--snapshotter",
+                    self.snapshotter,
+                ])
+                .arg(tarball),
+        );
         let mut id = String::new();
         wait_for(
             30,
@@ -538,69 +521,51 @@ disabled_plugins = [
         )
         .unwrap();
         let log = self.dir(&format!("installer-{}.log", unique("")));
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.ns.path()))
-            .arg("--")
-            .arg(PLUGIN)
-            .arg("install")
-            .arg("--cni-bin-dir")
-            .arg(self.bin_dir())
-            .arg("--cni-conf-dir")
-            .arg(self.conf_dir())
-            .arg("--plugin-config")
-            .arg(&cfg)
-            .arg(format!("--readiness-addr=127.0.0.1:{READY_PORT}"))
-            // The agent reconciles through this node's containerd, often (a test's patience).
-            .arg("--cri-socket")
-            .arg(cri_socket)
-            .args(["--reconcile-period", "1", "--event-socket"])
-            .arg(self.dir("events.sock"))
-            .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
-            .args(extra)
-            // As deploy/daemonset.yaml runs it: a rollout leaves the chain in place.
-            .env("MESH_REDIRECT_KEEP_ON_EXIT", "true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        die_with_parent(&mut cmd);
-        self.installer = Some(Installer {
-            child: cmd.spawn().expect("start mesh-redirect install"),
-            log,
-            ns: self.ns.path(),
-        });
+        let (netns, bin, conf, events) = (
+            self.ns.path(),
+            self.bin_dir(),
+            self.conf_dir(),
+            self.dir("events.sock"),
+        );
+        let (cfg, cri_socket) = (cfg.display().to_string(), cri_socket.display().to_string());
+        let mut args = vec!["--plugin-config", &cfg, "--cri-socket", &cri_socket];
+        args.extend_from_slice(extra);
+        self.installer = Some(
+            Launch {
+                program: Program::Plugin,
+                ready_port: READY_PORT,
+                metrics_port: Some(METRICS_PORT),
+                // The agent reconciles through this node's containerd, often (a test's
+                // patience).
+                reconcile_period: "1",
+                args: &args,
+                // As deploy/daemonset.yaml runs it: a rollout leaves the chain in place.
+                env: &[("MESH_REDIRECT_KEEP_ON_EXIT", "true")],
+                ..Launch::new(&netns, &bin, &conf, &events, log)
+            }
+            .spawn(),
+        );
     }
 
-    pub fn installer(&self) -> &Installer {
+    pub fn installer(&self) -> &AgentProc {
         self.installer.as_ref().expect("installer running")
     }
 
-    /// The agent's pid (`nsenter` execs it).
+    /// The agent's pid.
     pub fn installer_pid(&self) -> u32 {
-        self.installer().child.id()
+        self.installer().pid()
     }
 
     /// SIGKILL to the agent: a crash, an OOM kill.
     pub fn kill_installer(&mut self) {
         if let Some(mut inst) = self.installer.take() {
-            let _ = inst.child.kill();
-            let _ = inst.child.wait();
+            inst.kill();
         }
     }
 
     /// SIGTERM to the installer, as the kubelet stops a DaemonSet pod in a rollout.
     pub fn stop_installer(&mut self) -> std::process::ExitStatus {
-        let mut inst = self.installer.take().expect("installer running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(inst.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM installer");
-        let mut status = None;
-        wait_for(15, "the installer to exit on SIGTERM", || {
-            status = inst.child.try_wait().expect("wait installer");
-            status.is_some()
-        });
-        status.unwrap()
+        self.installer.take().expect("installer running").stop()
     }
 
     /// The network config the CRI plugin has loaded for pods (`eth0`), from `Status`.
@@ -656,7 +621,7 @@ disabled_plugins = [
         kubelet_annotations: bool,
     ) -> PodSandboxConfig {
         let n = unique("");
-        let uid = format!("7e1c0de5-0000-4000-8000-{:012x}", fnv(&n));
+        let uid = format!("7e1c0de5-0000-4000-8000-{:012x}", uid48(&n));
         let mut ann: HashMap<String, String> = annotations
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -823,8 +788,7 @@ disabled_plugins = [
         }
         // 2. The installer, then containerd (SIGTERM, then SIGKILL).
         if let Some(mut inst) = self.installer.take() {
-            let _ = inst.child.kill();
-            let _ = inst.child.wait();
+            inst.kill();
         }
         if let Some(mut c) = self.containerd.take() {
             let pid = nix::unistd::Pid::from_raw(c.id() as i32);
@@ -903,37 +867,6 @@ impl Drop for Node {
     }
 }
 
-/// The running `mesh-redirect install`.
-pub struct Installer {
-    child: Child,
-    log: PathBuf,
-    ns: String,
-}
-
-impl Installer {
-    /// GET `path` on the readiness port, from inside the node namespace.
-    pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        crate::common::http_get_in(&self.ns, READY_PORT, path)
-    }
-
-    pub fn wait_ready(&self) {
-        wait_for(20, "the installer's /readyz to answer 200", || {
-            self.get("/readyz").is_some_and(|(c, _)| c == 200)
-        });
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Installer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A real Prometheus (Debian's) in the node namespace, scraping the agent every second.
 pub struct Prometheus {
     child: Child,
@@ -976,8 +909,7 @@ impl Prometheus {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while crate::common::http_get_in(&p.ns, PROMETHEUS_PORT, "/-/ready")
-            .is_none_or(|(c, _)| c != 200)
+        while common::http_get_in(&p.ns, PROMETHEUS_PORT, "/-/ready").is_none_or(|(c, _)| c != 200)
         {
             assert!(
                 Instant::now() < deadline,
@@ -1001,7 +933,7 @@ impl Prometheus {
                 }
             })
             .collect();
-        let (code, body) = crate::common::http_get_in(
+        let (code, body) = common::http_get_in(
             &self.ns,
             PROMETHEUS_PORT,
             &format!("/api/v1/query?query={enc}"),
@@ -1045,21 +977,9 @@ impl Drop for Prometheus {
     }
 }
 
-/// The child gets SIGKILL if the test process dies without running its destructors.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
-        });
-    }
-}
-
-pub fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3) & 0xffff_ffff_ffff
-    })
+/// 48 bits of a name's FNV-1a hash: the last group of a pod UID made from it.
+pub fn uid48(s: &str) -> u64 {
+    mesh_redirect::install::files::fnv1a(s.as_bytes()) & 0xffff_ffff_ffff
 }
 
 pub fn list_dir(dir: &Path) -> Vec<String> {
@@ -1072,11 +992,6 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
-}
-
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Processes whose argv matches.

@@ -3,8 +3,6 @@
 //! `runtimeConfig`, the `CNI_*` environment, DEL in reverse with the cached result).
 //! Shared by the tests and `examples/cnitool.rs`.
 
-#![allow(dead_code)]
-
 use serde_json::{Map, Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
