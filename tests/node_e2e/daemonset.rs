@@ -9,8 +9,9 @@
 //! from a node reset to its primary config alone, with the node's directories at the overlay's
 //! host paths (and, for k3s, an IPv6 status.hostIP): chained, repaired, captured again.
 
+use crate::containerd::Sandbox;
 use crate::kubelet::{Deploy, Kubelet, PodRun, log_messages};
-use crate::node::{Node, Sandbox, in_netns, say};
+use crate::node::{Node, in_netns, say};
 use crate::{MESHED, ROOT, Report, has_table, prove_capture, prove_uncaptured, types};
 use common::{http_get_at, serve};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@
 //! is built here (a static pause binary) since no registry is reachable. Everything is removed
 //! on drop, also on failure. `scripts/node-e2e.sh` runs it alone with the report visible.
 
+mod containerd;
 mod cri;
 mod criproxy;
 mod daemonset;
@@ -18,9 +19,11 @@ mod image;
 mod kubelet;
 mod kustomize;
 mod node;
+mod prometheus;
 
 use common::{APP, PROXY, ROOT, STATUS, assert_answer, connect, hp, serve};
-use node::{GATEWAY, IMAGE, NETWORK, Node, OTHER, Sandbox, in_netns, list_dir, say, tables};
+use containerd::{IMAGE, Sandbox};
+use node::{GATEWAY, NETWORK, Node, OTHER, in_netns, list_dir, say, tables};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Instant;
@@ -643,7 +646,7 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     prove_capture(&r, &node, &web_b);
 
     r.step("a real Prometheus scrapes the agent: pods started now, and the repairs so far");
-    let prom = node::Prometheus::start(&node);
+    let prom = prometheus::Prometheus::start(&node);
     let web_c = node
         .run_pod(node.pod_config("web-c", "default", MESHED, true))
         .unwrap_or_else(|e| panic!("RunPodSandbox web-c: {e}"));
