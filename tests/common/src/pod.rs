@@ -26,7 +26,10 @@ pub struct Pod {
     pub tmp: TempDir,
     pub list: Value,
     pub att: Attachment,
+    /// The chain's result: what the runtime caches and gives CHECK and DEL.
     pub result: Option<Value>,
+    /// Each plugin's own ADD result, in the chain's order (the last is `result`).
+    pub results: Vec<Value>,
     pub ip4: String,
     pub ip6: String,
     pub cni_path: Vec<PathBuf>,
@@ -148,11 +151,13 @@ impl Pod {
             list,
             att,
             result: None,
+            results: Vec::new(),
             ip4: String::new(),
             ip6: String::new(),
             cni_path,
         };
-        let result = rt.add(&p.list, &p.att)?;
+        let results = rt.add_each(&p.list, &p.att)?;
+        let result = results.last().cloned().unwrap_or(Value::Null);
         for ip in result["ips"].as_array().into_iter().flatten() {
             let a = ip["address"].as_str().unwrap_or_default();
             let addr = a.split('/').next().unwrap_or_default().to_string();
@@ -163,6 +168,7 @@ impl Pod {
             }
         }
         p.result = Some(result);
+        p.results = results;
         Ok(p)
     }
 
