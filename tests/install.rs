@@ -302,13 +302,21 @@ fn names_up_to_name_max_are_chained() {
         assert_eq!(node.read(&name).unwrap(), original, "{len}: given back");
         assert_eq!(node.names(), [name], "{len}: no backup left");
     }
-    // A 251-byte .conf: turned into a 255-byte .conflist.
+    // A 251-byte .conf: turned into a 255-byte .conflist, with our entry.
     let node = Node::new();
     let name = format!("{}.conf", "b".repeat(251 - ".conf".len()));
     let conf = r#"{"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"}"#;
     let original = node.write(&name, conf, 0o644);
     let inst = node.start(&[]);
     inst.wait_ready();
+    let list = format!("{name}list");
+    assert_eq!(list.len(), 255);
+    assert_eq!(
+        plugins(&node.json(&list)),
+        ["bridge", "mesh-redirect"],
+        "the 255-byte .conflist is chained"
+    );
+    assert!(node.read(&name).is_none(), "the .conf became the .conflist");
     assert!(inst.stop().success());
     assert_eq!(node.read(&name).unwrap(), original);
     // A 252-byte .conf cannot have a .conflist twin: not ready, saying why, file untouched.
