@@ -50,7 +50,7 @@ fn tproxy_delivers_inbound_with_original_source_and_destination() {
     ]);
     let _in = transparent_proxy(&pod);
     let _out = outbound_proxy(&pod);
-    let _app = pod.app_server(&[8080, 9000]);
+    let _app = pod.app_server(&[8080, 9000, 15008]);
     let _node = pod.node_server(&[8080]);
     for (ip, client) in [(&pod.ip4, GW4), (&pod.ip6, GW6)] {
         let dst = hp(ip, 8080);
@@ -61,8 +61,9 @@ fn tproxy_delivers_inbound_with_original_source_and_destination() {
         assert_eq!(orig, dst, "{line}");
         // The client's real address, not a NATed one.
         assert_eq!(peer_ip(&line), client, "{line}");
-        // Excluded inbound ports and the tunnel port still bypass.
+        // Excluded inbound ports and the tunnel port (Istio's HBONE 15008) still bypass.
         assert_answer(pod.dial_from_node(&hp(ip, 9000)), "app", None);
+        assert_answer(pod.dial_from_node(&hp(ip, 15008)), "app", None);
     }
     // Outbound is as in REDIRECT mode.
     assert_answer(
