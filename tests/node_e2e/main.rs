@@ -609,17 +609,45 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     );
     r.ok("the agent reported bad-0's annotation and value in its log");
 
-    r.step("someone deletes a table, then changes one: back within one period (1 s)");
+    r.step("someone deletes a table, then changes one: back by the next pass (every 1 s)");
+    // The agent checks every pod in each pass and sleeps one period between passes. The pass
+    // under way when the table changed may have looked at web-b already, so the one after it
+    // repairs it: the second pass at the latest (counted), within a period plus two passes'
+    // time. A pass over these six pods takes milliseconds (durationMs in the agent's log), so
+    // two periods bound that with most of a period to spare; and since the flush comes right
+    // after the first repair, its repair waits a whole period, so an agent that passed less
+    // often than every period could not meet the bound there.
+    let period = node::RECONCILE_PERIOD;
+    let passes = || {
+        node.installer()
+            .value(r#"mesh_redirect_reconcile_passes_total{result="ok"}"#)
+    };
+    let back_by_the_next_pass = |what: &str, changed: Instant, before: f64| {
+        let took = changed.elapsed();
+        let passes = passes() - before;
+        assert!(
+            took <= 2 * period,
+            "{what} after {took:?}: more than a period and two passes ({:?})",
+            2 * period
+        );
+        assert!(
+            passes <= 2.0,
+            "{what} after {passes} passes: the pass after the one under way must repair it"
+        );
+        r.ok(&format!(
+            "{what} after {:.0} ms, {passes} pass(es) later (period {period:?})",
+            took.as_secs_f64() * 1e3
+        ));
+    };
+    let before = passes();
     in_netns(
         &web_b.netns,
         &["nft", "delete", "table", "inet", "mesh_redirect"],
     );
     let t = Instant::now();
     common::wait_for(5, "web-b's table back", || has_table(&web_b.netns));
-    r.ok(&format!(
-        "web-b's table back after {:.0} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    ));
+    back_by_the_next_pass("web-b's table back", t, before);
+    let before = passes();
     in_netns(
         &web_b.netns,
         &["nft", "flush", "chain", "inet", "mesh_redirect", "outbound"],
@@ -632,10 +660,7 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
         )
         .contains("redirect to :15001")
     });
-    r.ok(&format!(
-        "web-b's flushed outbound chain back after {:.0} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    ));
+    back_by_the_next_pass("web-b's flushed outbound chain back", t, before);
     let repairs = agent_lines(&node, "repaired a pod");
     assert!(
         repairs

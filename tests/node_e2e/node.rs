@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 pub const READY_PORT: u16 = 15700;
 pub const METRICS_PORT: u16 = 15701;
+/// The installer's `--reconcile-period`: often, for a test's patience.
+pub const RECONCILE_PERIOD: Duration = Duration::from_secs(1);
 /// The primary network's name and bridge subnet (inside the node namespace only).
 pub const NETWORK: &str = "k8s-pod-network";
 pub const SUBNET: &str = "10.88.0.0/24";
@@ -225,6 +227,7 @@ impl Node {
             self.dir("events.sock"),
         );
         let (cfg, cri_socket) = (cfg.display().to_string(), cri_socket.display().to_string());
+        let period = RECONCILE_PERIOD.as_secs().to_string();
         let mut args = vec!["--plugin-config", &cfg, "--cri-socket", &cri_socket];
         args.extend_from_slice(extra);
         self.installer = Some(
@@ -234,7 +237,7 @@ impl Node {
                 metrics_port: Some(METRICS_PORT),
                 // The agent reconciles through this node's containerd, often (a test's
                 // patience).
-                reconcile_period: "1",
+                reconcile_period: &period,
                 args: &args,
                 // As deploy/daemonset.yaml runs it: a rollout leaves the chain in place.
                 env: &[("MESH_REDIRECT_KEEP_ON_EXIT", "true")],
