@@ -672,6 +672,9 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
 
     r.step("a real Prometheus scrapes the agent: pods started now, and the repairs so far");
     let prom = prometheus::Prometheus::start(&node);
+    // Its first scrape before the pods start: it sees their ADDs and DEL happen, so rates over
+    // them (the dashboard's duration panels) have something to say.
+    prom.wait(r#"up{job="mesh-redirect"}"#, 1.0);
     let web_c = node
         .run_pod(node.pod_config("web-c", "default", MESHED, true))
         .unwrap_or_else(|e| panic!("RunPodSandbox web-c: {e}"));
@@ -740,8 +743,12 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     let p50 = prom
         .query(r#"histogram_quantile(0.5, rate(mesh_redirect_plugin_duration_seconds_bucket{command="ADD"}[1m]))"#)
         .or_else(|| prom.query(r#"histogram_quantile(0.5, mesh_redirect_plugin_duration_seconds_bucket{command="ADD"})"#));
+    // Three ADDs were observed: their median is a duration (NaN: the buckets say nothing).
+    let p50 = p50
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or_else(|| panic!("Prometheus: no ADD duration p50 from the histogram: {p50:?}"));
     r.ok(&format!(
-        "Prometheus: ADD duration p50 from the histogram: {p50:?} s"
+        "Prometheus: ADD duration p50 from the histogram: {p50} s"
     ));
     let (_, text) = common::http_get_in(&node.ns.path(), node::METRICS_PORT, "/metrics")
         .expect("the agent's /metrics");
@@ -769,20 +776,38 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
         .expect("deploy/grafana-dashboard.json"),
     )
     .expect("the dashboard is JSON");
+    // Every panel, also those inside rows (a collapsed row holds its panels).
+    fn panels(list: &Value) -> Vec<&Value> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| std::iter::once(p).chain(panels(&p["panels"])))
+            .collect()
+    }
     let mut queries = 0;
-    for panel in dash["panels"].as_array().expect("panels") {
+    for panel in panels(&dash["panels"]) {
         for t in panel["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().expect("expr");
             let q = expr
                 .replace("$__rate_interval", "1m")
                 .replace("$instance", ".*");
-            // rate() and increase() need two scrapes in their window: retry a few seconds.
+            // A series whose value is NaN is no data (a quantile of nothing, a rate of one
+            // sample). rate() and increase() need two scrapes in their window: retry a few
+            // seconds.
+            let has_data = |r: &[Value]| {
+                r.iter().any(|s| {
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(|v| !v.is_nan())
+                })
+            };
             let deadline = Instant::now() + std::time::Duration::from_secs(15);
             let result = loop {
                 let r = prom
                     .instant(&q)
                     .unwrap_or_else(|e| panic!("dashboard panel {:?}: {q}: {e}", panel["title"]));
-                if !r.is_empty() || Instant::now() > deadline {
+                if has_data(&r) || Instant::now() > deadline {
                     break r;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(250));
@@ -792,11 +817,20 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
                 "dashboard panel {:?}: {q}: no series",
                 panel["title"]
             );
+            assert!(
+                has_data(&result),
+                "dashboard panel {:?}: {q}: no series with a value: {result:?}",
+                panel["title"]
+            );
             queries += 1;
         }
     }
+    assert!(
+        queries > 0,
+        "deploy/grafana-dashboard.json: no panel query found"
+    );
     r.ok(&format!(
-        "deploy/grafana-dashboard.json: all {queries} panel queries run in Prometheus and return series"
+        "deploy/grafana-dashboard.json: all {queries} panel queries run in Prometheus and return series with values"
     ));
     r.ok(&format!(
         "promtool check metrics passes on the scraped text ({} lines)",
