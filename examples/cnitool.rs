@@ -10,10 +10,8 @@
 //! netns path). ADD results are cached in CNI_CACHE_DIR (default /var/lib/cni/cnitool) for
 //! CHECK and DEL, as libcni does.
 
-#[path = "../tests/common/cnichain.rs"]
-mod cnichain;
-
-use cnichain::{Attachment, Runtime};
+use common::cnichain::{self, Attachment, Runtime};
+use mesh_redirect::install::files::fnv1a;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,9 +56,7 @@ fn run() -> Result<(), String> {
         },
         _ => Default::default(),
     };
-    let digest: u64 = netns.bytes().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
+    let digest = fnv1a(netns.as_bytes());
     let att = Attachment {
         container_id: env_or("CNI_CONTAINERID", &format!("cnitool-{digest:016x}")),
         netns: netns.clone(),

@@ -12,7 +12,7 @@ for d in "$HOME/.cargo/bin" /root/.cargo/bin; do [ -d "$d" ] && PATH="$d:$PATH";
 export PATH
 
 echo "== cargo fmt --check"
-cargo fmt --check
+cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings -W clippy::undocumented_unsafe_blocks
 echo "== shellcheck"
@@ -31,5 +31,5 @@ bench_out=$(mktemp -d)
 trap 'rm -rf "$bench_out"' EXIT
 BENCH_OUT=$bench_out scripts/bench.sh --smoke >/dev/null
 echo "== fuzz: the harness crate, then a smoke run of every target (fuzz/README.md)"
-(cd fuzz && cargo fmt --check && cargo clippy --all-targets --quiet -- -D warnings -W clippy::undocumented_unsafe_blocks && cargo test --lib --quiet)
+(cd fuzz && cargo fmt --check && cargo clippy --all-targets --quiet -- -D warnings -W clippy::undocumented_unsafe_blocks && cargo test --quiet)
 fuzz/run.sh 10

@@ -4,8 +4,6 @@
 //! The agent runs for real (chaining into throwaway CNI dirs, no reconciling here) with its
 //! metrics in a network namespace of the test's; the plugin runs as the runtime runs it.
 
-mod common;
-
 use common::agent::*;
 use common::memcg;
 use common::*;
@@ -261,7 +259,7 @@ fn garbage_floods_and_a_replaced_socket_change_no_count_and_block_nothing() {
     assert!(add(&p, &a.socket, json!({STATUS: "{}"})).0);
     a.wait_value(captured, 7.0);
     // The agent is still whole: health and metrics answer.
-    assert_eq!(a.get(PROBE_PORT, "/healthz").map(|(c, _)| c), Some(200));
+    assert_eq!(a.get("/healthz").map(|(c, _)| c), Some(200));
 }
 
 #[test]
@@ -387,7 +385,7 @@ fn a_flood_of_slow_connections_cannot_kill_the_agent() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(a.get(PROBE_PORT, "/healthz").map(|(c, _)| c), Some(200));
+    assert_eq!(a.get("/healthz").map(|(c, _)| c), Some(200));
     let rejected = sample(
         &a.metrics().unwrap(),
         r#"mesh_redirect_http_connections_rejected_total{listener="metrics"}"#,
@@ -408,16 +406,21 @@ fn a_flood_of_slow_connections_cannot_kill_the_agent() {
 fn the_metrics_address_serves_metrics_only() {
     let a = Agent::start();
     for path in ["/readyz", "/healthz", "/", "/metrics/../readyz"] {
-        let (code, body) = a.get(METRICS_PORT, path).expect("metrics address answers");
+        let (code, body) = a
+            .get_at(METRICS_PORT, path)
+            .expect("metrics address answers");
         assert_eq!(code, 404, "{path}: {body}");
     }
-    assert_eq!(a.get(METRICS_PORT, "/metrics").map(|(c, _)| c), Some(200));
+    assert_eq!(
+        a.get_at(METRICS_PORT, "/metrics").map(|(c, _)| c),
+        Some(200)
+    );
     a.wait_value("mesh_redirect_ready", 1.0);
-    assert_eq!(a.get(PROBE_PORT, "/readyz").map(|(c, _)| c), Some(200));
-    assert_eq!(a.get(PROBE_PORT, "/healthz").map(|(c, _)| c), Some(200));
-    assert_eq!(a.get(PROBE_PORT, "/metrics").map(|(c, _)| c), Some(404));
+    assert_eq!(a.get("/readyz").map(|(c, _)| c), Some(200));
+    assert_eq!(a.get("/healthz").map(|(c, _)| c), Some(200));
+    assert_eq!(a.get("/metrics").map(|(c, _)| c), Some(404));
     // One address for both is refused at start, saying why.
-    let out = Command::new(AGENT)
+    let out = Command::new(agent())
         .args(["install", "--cni-bin-dir", "/b", "--cni-conf-dir", "/c"])
         .args([
             "--readiness-addr",
@@ -516,7 +519,7 @@ fn thread_of(pid: u32, name: &str) -> i32 {
 fn a_stalled_or_panicking_thread_is_not_healthy() {
     use nix::sys::ptrace;
     let a = Agent::start();
-    assert_eq!(a.get(PROBE_PORT, "/healthz").map(|(c, _)| c), Some(200));
+    assert_eq!(a.get("/healthz").map(|(c, _)| c), Some(200));
     let tid = nix::unistd::Pid::from_raw(thread_of(a.child.id(), "events"));
     ptrace::seize(tid, ptrace::Options::empty()).expect("PTRACE_SEIZE the events thread");
     ptrace::interrupt(tid).expect("PTRACE_INTERRUPT");
@@ -535,7 +538,7 @@ fn a_stalled_or_panicking_thread_is_not_healthy() {
     let release = Release(tid);
     let t = Instant::now();
     let body = loop {
-        match a.get(PROBE_PORT, "/healthz") {
+        match a.get("/healthz") {
             Some((503, b)) => break b,
             _ => {
                 assert!(t.elapsed() < Duration::from_secs(45), "still healthy");

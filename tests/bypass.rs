@@ -5,10 +5,8 @@
 //! runs. The VIPs and backends are never reached: the probe redirects its connection to its own
 //! listener, inside a namespace it (or the test) made.
 
-mod common;
-
-use common::agent::{Agent, PROBE_PORT, Start};
-use common::{Netns, PLUGIN, PROBE, TempDir, run, sample, unique};
+use common::agent::{Agent, Start};
+use common::{Netns, TempDir, plugin, probe, run, sample, unique};
 use mesh_redirect::agent::bypass::{self, Outcome};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -236,7 +234,7 @@ fn path(p: &Path) -> &str {
 
 /// `mesh-redirect check-bypass ARGS`, as given (the plugin execs the agent beside it).
 fn check(args: &[&str]) -> Vec<String> {
-    let mut v = vec![PLUGIN.to_string(), "check-bypass".into()];
+    let mut v = vec![plugin().to_string(), "check-bypass".into()];
     v.extend(args.iter().map(|s| s.to_string()));
     v
 }
@@ -371,7 +369,7 @@ fn host_namespace_only_lb_is_not_reported() {
         false
     });
     let (code, out, err) =
-        result(lb.run(&[PROBE, "--timeout-ms", "3000", "connect", &vip.to_string()]));
+        result(lb.run(&[probe(), "--timeout-ms", "3000", "connect", &vip.to_string()]));
     assert!(answer.join().unwrap_or(false), "nobody reached the backend");
     assert_eq!(
         (code, out.trim()),
@@ -546,7 +544,7 @@ fn bad_targets_are_usage_errors() {
         (vec!["--target", VIP4, "--timeout", "-1"], "--timeout"),
         (vec![], "no target"),
     ] {
-        let out = Command::new(PLUGIN)
+        let out = Command::new(plugin())
             .arg("check-bypass")
             .args(&args)
             .env_remove("KUBERNETES_SERVICE_HOST")
@@ -559,7 +557,7 @@ fn bad_targets_are_usage_errors() {
         assert!(err.contains("usage:"), "{args:?}: {err}");
         assert!(stdout.is_empty(), "{args:?}: {stdout}");
     }
-    let out = Command::new(PLUGIN)
+    let out = Command::new(plugin())
         .arg("check-bypass")
         .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
         .env("KUBERNETES_SERVICE_PORT", "https")
@@ -613,7 +611,7 @@ fn agent_with_service(cgroup: Option<&Path>, host: &str, port: &str) -> Agent {
 fn wait_readyz(a: &Agent, code: u16, secs: u64) -> String {
     let t = Instant::now();
     loop {
-        if let Some((c, b)) = a.get(PROBE_PORT, "/readyz")
+        if let Some((c, b)) = a.get("/readyz")
             && c == code
         {
             return b;
@@ -704,7 +702,7 @@ fn the_agent_is_not_ready_while_connects_to_services_are_rewritten() {
     wait_readyz(&hostns, 200, 15);
     // Give it a probe's time, then: nothing reported.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(hostns.get(PROBE_PORT, "/readyz").map(|(c, _)| c), Some(200));
+    assert_eq!(hostns.get("/readyz").map(|(c, _)| c), Some(200));
     assert!(
         !hostns.log().contains("capture bypassed"),
         "{}",

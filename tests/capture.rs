@@ -2,8 +2,6 @@
 //! chained after them, a stand-in proxy (uid 1337) reading `SO_ORIGINAL_DST`, an app (uid
 //! 1000) and the "rest of the cluster" in the node namespace.
 
-mod common;
-
 use common::*;
 
 /// The node's server answers for destinations that are not captured.

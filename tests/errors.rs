@@ -1,8 +1,6 @@
 //! Bad input gets the right error code and a message naming the culprit, and the pod's
 //! namespace is left exactly as it was. Plus large policies (sets, not rules).
 
-mod common;
-
 use common::cnichain::Attachment;
 use common::*;
 use serde_json::{Value, json};
@@ -98,7 +96,7 @@ fn bad_json_version_config_and_missing_prev_result_change_nothing() {
 fn missing_env_is_code_4() {
     let pod = Pod::meshed(&[]);
     let before = pod.pod.ruleset();
-    let out = Command::new(PLUGIN)
+    let out = Command::new(plugin())
         .env("CNI_COMMAND", "ADD")
         .env("CNI_NETNS", pod.pod.path())
         .stdin(Stdio::null())
@@ -241,7 +239,7 @@ fn plan_text_is_accepted_by_nft_check() {
             "traffic.sidecar.istio.io/includeInboundPorts": "80,443"})
         .to_string(),
     );
-    let out = Command::new(PLUGIN)
+    let out = Command::new(plugin())
         .args([
             "plan",
             "--config",

@@ -1,8 +1,6 @@
 //! Faults and load against the real kernel: namespaces that vanish, kernels that refuse half a
 //! batch, concurrent and repeated invocations, bad stdin and environment.
 
-mod common;
-
 use common::*;
 use mesh_redirect::kernel::Kernel;
 use mesh_redirect::netns::Netns as PodNetns;
@@ -18,31 +16,88 @@ fn add(netns: &str, conf: &Value) -> (bool, Value) {
     plugin("ADD", netns, conf.to_string().as_bytes(), &[])
 }
 
+/// How an ADD that raced the deletion of its netns may end; nothing else is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raced {
+    /// It entered the namespace first: success, prevResult printed unchanged, and the whole
+    /// planned table in the namespace (CHECK there passes).
+    Added,
+    /// The namespace was gone first: code 101 naming the path as gone, and no table in it.
+    Gone,
+}
+
+/// Which allowed outcome an ADD on `path` had, given its result; panics on anything else.
+/// `held` is the namespace, opened by the test before its path went away, so that what the
+/// ADD left inside can still be looked at.
+#[track_caller]
+fn raced(path: &str, held: &std::fs::File, conf: &Value, (ok, out): (bool, Value)) -> Raced {
+    use std::os::fd::AsRawFd;
+    let inside = format!("/proc/{}/fd/{}", std::process::id(), held.as_raw_fd());
+    let table = PodNetns::open(Path::new(&inside))
+        .expect("the held namespace")
+        .run(|| Kernel::open().and_then(|mut k| k.table_exists()))
+        .expect("enter the held namespace")
+        .expect("ask its kernel for the table");
+    if ok {
+        assert_eq!(
+            out, conf["prevResult"],
+            "a successful ADD prints prevResult"
+        );
+        assert!(table, "ADD succeeded but left no table in {path}");
+        let (whole, why) = plugin("CHECK", &inside, conf.to_string().as_bytes(), &[]);
+        assert!(whole, "ADD succeeded but left half a table: {why}");
+        Raced::Added
+    } else {
+        assert_eq!(out["code"], 101, "{out}");
+        let msg = out["msg"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(path) && (msg.contains("does not exist") || msg.contains("torn down")),
+            "101 must name the netns and say it is gone: {out}"
+        );
+        assert!(!table, "ADD failed with 101 but left a table: half an ADD");
+        Raced::Gone
+    }
+}
+
 #[test]
 fn netns_vanishing_during_add_is_success_or_101_never_half() {
     require_root();
     let conf = meshed_conf(&[]);
-    let mut outcomes = (0, 0);
-    for i in 0..60u64 {
+    // One trial: the namespace is deleted (`ip netns del`: unmount, unlink) `delay` after the
+    // ADD starts, or before it starts (None), and the ADD's outcome classified.
+    let trial = |delay: Option<std::time::Duration>| -> Raced {
         let ns = Netns::new("mrt-vanish-");
         let path = ns.path();
+        let held = std::fs::File::open(&path).expect("hold the namespace");
+        let Some(delay) = delay else {
+            drop(ns);
+            return raced(&path, &held, &conf, add(&path, &conf));
+        };
         let adder = {
             let (path, conf) = (path.clone(), conf.clone());
             std::thread::spawn(move || add(&path, &conf))
         };
-        // Delete it at a different moment each time (0-6 ms after the exec), so the race falls
-        // before the open, between the open and the commit, and after the commit.
-        std::thread::sleep(std::time::Duration::from_micros(i * 100));
+        std::thread::sleep(delay);
         drop(ns); // ip netns del, racing the ADD
-        let (ok, out) = adder.join().unwrap();
-        if ok {
-            outcomes.0 += 1;
-        } else {
-            assert_eq!(out["code"], 101, "{out}");
-            outcomes.1 += 1;
+        raced(&path, &held, &conf, adder.join().unwrap())
+    };
+    // The two ends, where the outcome is known: gone before the ADD, and after it.
+    assert_eq!(trial(None), Raced::Gone, "deleted before the ADD");
+    let ns = Netns::new("mrt-vanish-");
+    let held = std::fs::File::open(ns.path()).unwrap();
+    let after = raced(&ns.path(), &held, &conf, add(&ns.path(), &conf));
+    drop(ns);
+    assert_eq!(after, Raced::Added, "deleted after the ADD");
+    // In between, at a different moment each time (0-6 ms after the exec), so that the race
+    // falls before the open, between the open and the commit, and after the commit: each
+    // outcome is one of the two, exactly.
+    let mut outcomes = (0, 0);
+    for i in 0..60u64 {
+        match trial(Some(std::time::Duration::from_micros(i * 100))) {
+            Raced::Added => outcomes.0 += 1,
+            Raced::Gone => outcomes.1 += 1,
         }
     }
-    // Both sides of the race happen on this machine often enough to mean something.
     eprintln!(
         "vanishing netns: {} ADDs won the race, {} got 101",
         outcomes.0, outcomes.1
@@ -66,8 +121,15 @@ fn dangling_symlink_and_directory_netns_paths_are_101() {
             "{out}"
         );
     }
-    let (ok, _) = add("relative/path", &meshed_conf(&[]));
+    // A relative path is refused before anything is opened: 101, naming it and why.
+    let (ok, out) = add("relative/path", &meshed_conf(&[]));
     assert!(!ok);
+    assert_eq!(out["code"], 101, "{out}");
+    let msg = out["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("relative/path") && msg.contains("not an absolute path"),
+        "{out}"
+    );
 }
 
 /// A ruleset the kernel accepts up to its last rule, which it refuses: `redirect` is only

@@ -9,8 +9,6 @@
 //! - Linkerd (linkerd/linkerd2 b24cd40, the proxy injector's `pod.patch.json` golden and the
 //!   multicluster gateway's template).
 
-mod common;
-
 use common::vm::{self, Vm};
 use common::*;
 use serde_json::{Value, json};
@@ -50,7 +48,7 @@ fn pod(ann: Value, entry: Value) -> Pod {
 
 /// Istio's `istio-validation`, as the init container runs it (uid 1337): its exit code.
 fn istio_validation(p: &Pod) -> i32 {
-    std::process::Command::new(PROBE)
+    std::process::Command::new(probe())
         .args(["--netns", &p.pod.path(), "--uid", "1337", "--gid", "1337"])
         .args(["validate", "istio"])
         .status()

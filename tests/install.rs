@@ -2,27 +2,16 @@
 //! it: a long-lived `mesh-redirect install` process, probed over HTTP and stopped by SIGTERM.
 //! Its readiness port lives in a network namespace the test makes.
 
-mod common;
-
+use common::agent::{AgentProc, Launch, Program};
 use common::*;
 use mesh_redirect::install::files;
 use serde_json::{Value, json};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const READY_PORT: u16 = 9099;
-
-/// Waits for `cond`, polling; panics with `what` after `secs`.
-#[track_caller]
-fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
 
 /// Temporary CNI bin and conf dirs, plus a namespace for the readiness port.
 struct Node {
@@ -75,92 +64,27 @@ impl Node {
         v
     }
 
-    fn start(&self, extra: &[&str]) -> Installer {
+    /// `mesh-redirect install` as the DaemonSet runs it, chaining only (no container runtime
+    /// here), with an event socket of its own.
+    fn start(&self, extra: &[&str]) -> AgentProc {
         let log = self
             .tmp
             .path()
             .join(format!("installer-{}.log", unique("")));
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns.name, PLUGIN, "install"])
-            .arg("--cni-bin-dir")
-            .arg(self.bin())
-            .arg("--cni-conf-dir")
-            .arg(self.conf())
-            .args(["--readiness-addr", &format!("127.0.0.1:{READY_PORT}")])
-            // Chaining only (no container runtime here), and an event socket of its own.
-            .args(["--reconcile-period", "0", "--event-socket"])
-            .arg(self.tmp.path().join("events.sock"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        Installer {
-            child: cmd.spawn().unwrap(),
-            log,
-            ns: self.ns.path(),
+        let (netns, bin, conf) = (self.ns.path(), self.bin(), self.conf());
+        let events = self.tmp.path().join("events.sock");
+        Launch {
+            program: Program::Plugin,
+            ready_port: READY_PORT,
+            args: extra,
+            ready_within: Duration::from_secs(10),
+            ..Launch::new(&netns, &bin, &conf, &events, log)
         }
+        .spawn()
     }
 
     fn uninstall(&self) {
         uninstall(&self.bin(), &self.conf());
-    }
-}
-
-struct Installer {
-    child: Child,
-    log: PathBuf,
-    ns: String,
-}
-
-impl Installer {
-    /// GET `path` on the readiness port, from inside the namespace: (status code, body).
-    fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get_in(&self.ns, READY_PORT, path)
-    }
-
-    fn wait_ready(&self) {
-        wait_for(10, "/readyz 200", || {
-            self.get("/readyz").is_some_and(|(c, _)| c == 200)
-        });
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until /readyz answers with `why` in its body (the installer's first steps take a
-    /// moment after the endpoint is up).
-    fn wait_not_ready_because(&self, why: &str) -> (u16, String) {
-        wait_for(10, why, || {
-            self.get("/readyz").is_some_and(|(_, b)| b.contains(why))
-        });
-        self.get("/readyz").unwrap()
-    }
-
-    /// SIGTERM, as the kubelet stops a DaemonSet pod; returns the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "installer did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Installer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -214,7 +138,10 @@ fn conflist_primary_is_chained_and_given_back_byte_for_byte() {
     // The binary is there, executable, and finds its libraries beside it.
     let bin = node.bin().join("mesh-redirect");
     assert_eq!(files::mode_of(&bin), 0o755);
-    assert_eq!(std::fs::read(&bin).unwrap(), std::fs::read(PLUGIN).unwrap());
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        std::fs::read(plugin()).unwrap()
+    );
     let ldd = Command::new("ldd").arg(&bin).output().unwrap();
     let ldd = String::from_utf8_lossy(&ldd.stdout);
     let libs = node.bin().join("mesh-redirect.libs");
@@ -375,13 +302,21 @@ fn names_up_to_name_max_are_chained() {
         assert_eq!(node.read(&name).unwrap(), original, "{len}: given back");
         assert_eq!(node.names(), [name], "{len}: no backup left");
     }
-    // A 251-byte .conf: turned into a 255-byte .conflist.
+    // A 251-byte .conf: turned into a 255-byte .conflist, with our entry.
     let node = Node::new();
     let name = format!("{}.conf", "b".repeat(251 - ".conf".len()));
     let conf = r#"{"cniVersion": "0.4.0", "name": "k8s", "type": "bridge"}"#;
     let original = node.write(&name, conf, 0o644);
     let inst = node.start(&[]);
     inst.wait_ready();
+    let list = format!("{name}list");
+    assert_eq!(list.len(), 255);
+    assert_eq!(
+        plugins(&node.json(&list)),
+        ["bridge", "mesh-redirect"],
+        "the 255-byte .conflist is chained"
+    );
+    assert!(node.read(&name).is_none(), "the .conf became the .conflist");
     assert!(inst.stop().success());
     assert_eq!(node.read(&name).unwrap(), original);
     // A 252-byte .conf cannot have a .conflist twin: not ready, saying why, file untouched.
@@ -659,8 +594,7 @@ fn uninstall_after_a_crash_restores_the_original_bytes() {
     );
     let mut inst = node.start(&["--conf-name", "30-single.conf"]);
     inst.wait_ready();
-    let _ = inst.child.kill();
-    let _ = inst.child.wait();
+    inst.kill();
     assert!(node.read("30-single.conf").is_none());
     node.uninstall();
     assert_eq!(node.read("10-bridge.conflist").unwrap(), original);
@@ -677,7 +611,7 @@ fn binary_updates_are_atomic_for_concurrent_execs() {
     require_root();
     let tmp = TempDir::new();
     let dir = tmp.path().to_path_buf();
-    files::install_file(Path::new(PLUGIN), &dir, "mesh-redirect", 0o755).unwrap();
+    files::install_file(Path::new(plugin()), &dir, "mesh-redirect", 0o755).unwrap();
     let target = dir.join("mesh-redirect");
     let script = format!(
         "n=0; while [ ! -e {stop} ]; do {bin} version >/dev/null 2>&1; rc=$?; \
@@ -691,7 +625,7 @@ fn binary_updates_are_atomic_for_concurrent_execs() {
         .spawn()
         .unwrap();
     for i in 0..60 {
-        let src = if i % 2 == 0 { PROBE } else { PLUGIN };
+        let src = if i % 2 == 0 { probe() } else { plugin() };
         assert!(files::install_file(Path::new(src), &dir, "mesh-redirect", 0o755).unwrap());
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -788,7 +722,7 @@ fn uninstall_race(how: Writer) {
             .add_watch(&node.conf(), AddWatchFlags::IN_CREATE)
             .unwrap();
         let newer = version_text(trial * 2 + 1);
-        let mut un = Command::new(PLUGIN)
+        let mut un = Command::new(plugin())
             .arg("uninstall")
             .arg("--cni-bin-dir")
             .arg(node.bin())
@@ -887,8 +821,7 @@ fn sigkill_while_chaining_loses_no_primary_version() {
         };
         let mut inst = node.start(&[]);
         std::thread::sleep(Duration::from_millis(5 + next() % 60));
-        let _ = inst.child.kill();
-        let _ = inst.child.wait();
+        inst.kill();
         std::thread::sleep(Duration::from_millis(next() % 10));
         stop.store(true, Ordering::SeqCst);
         writes += writer.join().unwrap();
@@ -965,7 +898,7 @@ fn a_version_exchanged_out_by_an_agent_that_died_is_recovered() {
             )
             .unwrap();
         let mut inst = node.start(&[]);
-        let pid = nix::unistd::Pid::from_raw(inst.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(inst.pid() as i32);
         let seen = |what: &dyn Fn(&str, AddWatchFlags) -> bool| {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
@@ -994,8 +927,7 @@ fn a_version_exchanged_out_by_an_agent_that_died_is_recovered() {
         kill(pid, Signal::SIGCONT).unwrap();
         // The exchange renames into our name: kill at once.
         let hit = seen(&|n, m| n == name && m.contains(AddWatchFlags::IN_MOVED_TO));
-        let _ = inst.child.kill();
-        let _ = inst.child.wait();
+        inst.kill();
         assert!(hit, "trial {trial}: no exchange seen");
         let inst = node.start(&[]);
         inst.wait_ready();

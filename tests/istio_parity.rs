@@ -3,8 +3,6 @@
 //! (`HasLoopBackIP`), annotation values istio-cni reads differently, interface wildcards, and
 //! Istio's own `istio-validation` check.
 
-mod common;
-
 use common::*;
 use serde_json::{Value, json};
 use std::process::Command;
@@ -232,7 +230,7 @@ fn an_interface_wildcard_excludes_every_interface_it_names() {
 
 /// What Istio's `istio-validation` init container runs when Istio uses its CNI plugin.
 fn istio_validation(netns: &str, ipv6: bool) -> (i32, String) {
-    let mut c = Command::new(PROBE);
+    let mut c = Command::new(probe());
     c.args([
         "--netns", netns, "--gid", "1337", "--uid", "1337", "validate", "istio",
     ]);

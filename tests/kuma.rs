@@ -8,8 +8,6 @@
 //! 0c7aaec, `app/cni/pkg/cni`) builds from them: its builder there is byte for byte the one at
 //! 348b652 but for the module path, so one reference writer serves both.
 
-mod common;
-
 use common::twin::{Probe, ProxySpec, compare, load_reference, of, unmeshed_pod};
 use common::*;
 use serde_json::json;
@@ -264,13 +262,7 @@ fn ipv4_mode_leaves_ipv6_alone_and_the_validator_passes() {
     // Kuma's own validator, as the kuma-validation init container runs it.
     let pod = kuma_pod(HELM_DEFAULTS);
     for v6 in [false, true] {
-        let mut c = std::process::Command::new(PROBE);
-        c.args(["--netns", &pod.pod.path(), "--gid", "5678", "--uid", "5678"]);
-        c.args(["validate", "kuma"]);
-        if v6 {
-            c.arg("--ipv6");
-        }
-        let out = c.output().unwrap();
+        let out = kuma_validation(&pod.pod.path(), v6);
         assert!(
             out.status.success(),
             "ipv6={v6}: {}{}",
@@ -278,6 +270,32 @@ fn ipv4_mode_leaves_ipv6_alone_and_the_validator_passes() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The control: the same pod without its capture fails the validator, so a pass means the
+    // capture is there.
+    pod.pod
+        .exec(&["nft", "delete", "table", "inet", "mesh_redirect"]);
+    for v6 in [false, true] {
+        let out = kuma_validation(&pod.pod.path(), v6);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "ipv6={v6}: the validator must fail without capture: {}{said}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(said.contains("kuma validation failed"), "ipv6={v6}: {said}");
+    }
+}
+
+/// Kuma's transparent-proxy validator in the pod at `netns`, as kuma-dp's uid runs it.
+fn kuma_validation(netns: &str, v6: bool) -> std::process::Output {
+    let mut c = std::process::Command::new(probe());
+    c.args(["--netns", netns, "--gid", "5678", "--uid", "5678"]);
+    c.args(["validate", "kuma"]);
+    if v6 {
+        c.arg("--ipv6");
+    }
+    c.output().expect("run capture-probe validate kuma")
 }
 
 #[test]
@@ -393,20 +411,7 @@ fn a_kuma_2x_pod_with_per_key_annotations_behaves_as_under_kuma_cni_2x() {
     ours.check().expect("CHECK");
     // kuma-validation, as the injector's CNI-mode init container runs it.
     for v6 in [false, true] {
-        let mut c = std::process::Command::new(PROBE);
-        c.args([
-            "--netns",
-            &ours.pod.path(),
-            "--gid",
-            "5678",
-            "--uid",
-            "5678",
-        ]);
-        c.args(["validate", "kuma"]);
-        if v6 {
-            c.arg("--ipv6");
-        }
-        let out = c.output().unwrap();
+        let out = kuma_validation(&ours.pod.path(), v6);
         assert!(
             out.status.success(),
             "ipv6={v6}: {}",

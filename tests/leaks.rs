@@ -2,8 +2,6 @@
 //! and memory are this process's own: this file holds one test, so nothing else runs beside
 //! it), then through the binary: nothing leaks, nothing is left in the kernel.
 
-mod common;
-
 use common::*;
 use mesh_redirect::kernel::Kernel;
 use mesh_redirect::netns::Netns as PodNetns;

@@ -1,7 +1,5 @@
 //! ADD/DEL/CHECK/VERSION/GC/STATUS driven the way a runtime drives them, against the real kernel.
 
-mod common;
-
 use common::cnichain::Attachment;
 use common::*;
 use serde_json::{Value, json};
@@ -43,10 +41,22 @@ fn add_prints_prev_result_unchanged_in_every_version() {
         let pod = Pod::build(Some(json!({STATUS: "{}"})), json!({}), version, "default")
             .unwrap_or_else(|e| panic!("{version}: {e}"));
         assert!(pod.pod.has_table(), "{version}");
-        // The chain's result is the bridge's result passed through: same ips, same version.
+        // What the bridge itself returned, given to mesh-redirect as its prevResult.
+        let bridge = pod.results[0].clone();
+        assert_eq!(pod.list["plugins"][0]["type"], "bridge");
+        assert_eq!(bridge["cniVersion"], version);
+        assert!(!bridge["ips"].as_array().unwrap().is_empty());
+        // The chain's result is the bridge's result passed through: same ips, same version,
+        // the same everything.
         let result = pod.result.clone().unwrap();
+        assert_eq!(result, bridge, "{version}: the chain's result");
         assert_eq!(result["cniVersion"], version);
         assert!(!result["ips"].as_array().unwrap().is_empty());
+        // And an ADD given the bridge's result, as libcni gives it, prints it unchanged.
+        let mut conf = pod.mesh_conf();
+        conf["prevResult"] = bridge.clone();
+        let out = pod.plugin("ADD", &conf).unwrap().unwrap();
+        assert_eq!(out, bridge, "{version}");
         let out = pod.plugin("ADD", &pod.mesh_conf()).unwrap().unwrap();
         assert_eq!(out, result, "{version}");
     }

@@ -4,8 +4,6 @@
 //! the probe list must end the same way in both pods. What each connection should do is also
 //! written down and asserted.
 
-mod common;
-
 use common::twin::{Probe, ProxySpec, compare, load_reference, of, unmeshed_pod};
 use common::*;
 use serde_json::{Value, json};
@@ -230,7 +228,7 @@ fn the_ipv6_key_turns_ipv6_capture_on() {
 
 /// Linkerd's network-validator as its init container runs it (uid and gid 65534).
 fn linkerd_validator(netns: &str, extra: &[&str]) -> std::process::Output {
-    std::process::Command::new(PROBE)
+    std::process::Command::new(probe())
         .args(["--netns", netns, "--gid", "65534", "--uid", "65534"])
         .args(extra)
         .args(["validate", "linkerd"])

@@ -11,8 +11,6 @@
 //! The models are written from the SPEC's text and the meshes' rules, not from the code: they
 //! read the generated lists directly, never mesh-redirect's parsed plan.
 
-mod common;
-
 use common::*;
 use ipnet::IpNet;
 use mesh_redirect::config::{Annotations, Mesh, PluginConfig};

@@ -2,8 +2,7 @@
 //! leaves a table an app cannot touch, logs nothing secret and nothing unbounded; the
 //! installer never writes through a symlink and writes safe modes.
 
-mod common;
-
+use common::agent::{Launch, Program};
 use common::*;
 use serde_json::{Value, json};
 use std::process::Command;
@@ -195,32 +194,23 @@ fn the_installer_never_writes_through_symlinks_and_writes_safe_modes() {
     std::fs::write(&target, list).unwrap();
     std::os::unix::fs::symlink(&target, confd.join("10-bridge.conflist")).unwrap();
     let ns = Netns::new("mrt-inst-sec-");
-    let log = tmp.path().join("installer.log");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, PLUGIN, "install"])
-        .arg("--cni-bin-dir")
-        .arg(&bin)
-        .arg("--cni-conf-dir")
-        .arg(&confd)
-        // Its own event socket, no runtime to reconcile: nothing outside the temp dir.
-        .args(["--reconcile-period", "0", "--event-socket"])
-        .arg(tmp.path().join("events.sock"))
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("symlink")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "installer did not report the symlink"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(25));
+    let (netns, events) = (ns.path(), tmp.path().join("events.sock"));
+    // Its own event socket, no runtime to reconcile: nothing outside the temp dir.
+    let mut inst = Launch {
+        program: Program::Plugin,
+        ..Launch::new(
+            &netns,
+            &bin,
+            &confd,
+            &events,
+            tmp.path().join("installer.log"),
+        )
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    .spawn();
+    wait_for(10, "the installer to report the symlink", || {
+        inst.log().contains("symlink")
+    });
+    inst.kill();
     assert_eq!(std::fs::read(&victim).unwrap(), b"do not overwrite");
     assert_eq!(std::fs::read_to_string(&target).unwrap(), list);
     let installed = bin.join("mesh-redirect");

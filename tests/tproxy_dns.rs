@@ -1,7 +1,5 @@
 //! TPROXY interception and DNS capture, proven with traffic in namespaces the test makes.
 
-mod common;
-
 use common::*;
 use serde_json::json;
 use std::process::Command;
@@ -52,7 +50,7 @@ fn tproxy_delivers_inbound_with_original_source_and_destination() {
     ]);
     let _in = transparent_proxy(&pod);
     let _out = outbound_proxy(&pod);
-    let _app = pod.app_server(&[8080, 9000]);
+    let _app = pod.app_server(&[8080, 9000, 15008]);
     let _node = pod.node_server(&[8080]);
     for (ip, client) in [(&pod.ip4, GW4), (&pod.ip6, GW6)] {
         let dst = hp(ip, 8080);
@@ -63,8 +61,9 @@ fn tproxy_delivers_inbound_with_original_source_and_destination() {
         assert_eq!(orig, dst, "{line}");
         // The client's real address, not a NATed one.
         assert_eq!(peer_ip(&line), client, "{line}");
-        // Excluded inbound ports and the tunnel port still bypass.
+        // Excluded inbound ports and the tunnel port (Istio's HBONE 15008) still bypass.
         assert_answer(pod.dial_from_node(&hp(ip, 9000)), "app", None);
+        assert_answer(pod.dial_from_node(&hp(ip, 15008)), "app", None);
     }
     // Outbound is as in REDIRECT mode.
     assert_answer(
@@ -84,7 +83,7 @@ fn tproxy_routing_brings_replies_to_a_proxy_keeping_the_clients_address() {
     // connection mark and table 133 bring them back to the proxy instead of out to eth0.
     let pod = Pod::meshed(&[TPROXY]);
     let _app = pod.app_server(&[8080]);
-    let out = std::process::Command::new(PROBE)
+    let out = std::process::Command::new(probe())
         .args(["--netns", &pod.pod.path(), "connect", &hp(&pod.ip4, 8080)])
         .args(["--from", GW4, "--mark", "1337", "--timeout-ms", "1500"])
         .output()
@@ -223,7 +222,7 @@ fn dns_conntrack_zones_keep_the_proxys_upstream_query_apart_from_the_apps() {
     let _dns = dns_proxy(&pod);
     let _resolver = resolver(&pod);
     let q = |who: Ident| {
-        let out = Command::new(PROBE)
+        let out = Command::new(probe())
             .args([
                 "--netns",
                 &pod.pod.path(),

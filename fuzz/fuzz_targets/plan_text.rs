@@ -20,55 +20,8 @@
 //! encoding is well-formed and decodes back to the sets' CIDRs.
 #![no_main]
 
-use fuzz_common::{decide_and_check, marker_value, names};
 use libfuzzer_sys::fuzz_target;
-use mesh_redirect::config::{Annotations, Mesh, PluginConfig};
-use mesh_redirect::policy::Pod;
 
-fn full_name(names: &[&str], name: &str) -> String {
-    names
-        .iter()
-        .find(|n| **n == name || n.rsplit('/').next() == Some(name))
-        .map_or_else(|| name.to_string(), |n| n.to_string())
-}
-
-/// Parses the input into the mesh and the annotations (see the module comment).
-fn parse(data: &[u8]) -> (Mesh, Annotations) {
-    let text = String::from_utf8_lossy(data);
-    // A first line `mesh=linkerd` or `mesh=kuma` picks that profile (istio otherwise).
-    let (mesh, text) = match text.split_once('\n') {
-        Some((first, rest)) if first.starts_with("mesh=") => (
-            Mesh::from_name(&first["mesh=".len()..]).unwrap_or(Mesh::Istio),
-            rest.to_string(),
-        ),
-        _ => (Mesh::Istio, text.to_string()),
-    };
-    let names = names(mesh);
-    let mut ann = Annotations::new();
-    ann.insert(names[0].to_string(), marker_value(mesh).to_string());
-    let mut next = names[1..].iter().cycle();
-    for line in text.split('\n') {
-        match line.split_once('=') {
-            Some((name, value)) => {
-                ann.insert(full_name(&names, name), value.to_string());
-            }
-            None if line.is_empty() => {}
-            None => {
-                let name = next.next().expect("cycle");
-                ann.insert(name.to_string(), line.to_string());
-            }
-        }
-    }
-    (mesh, ann)
-}
-
-fuzz_target!(|data: &[u8]| {
-    let (mesh, ann) = parse(data);
-    let pod = Pod {
-        namespace: Some("default"),
-        name: Some("web-0"),
-        annotations: Some(&ann),
-        ipv6: true,
-    };
-    let _ = decide_and_check(&PluginConfig::for_mesh(mesh), &pod);
-});
+// The body is in the library (`fuzz_common::plan_text`), where tests/reproducers.rs replays
+// the kept crash inputs through it.
+fuzz_target!(|data: &[u8]| fuzz_common::plan_text::run(data));

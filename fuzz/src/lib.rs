@@ -1,7 +1,35 @@
-//! Invariant checks shared by the fuzz targets (see ../README.md for the list).
+//! Invariant checks shared by the fuzz targets (see ../README.md for the list), and the
+//! targets' bodies (`annotations`, `cni_config`, `plan_text`): each `fuzz_targets/*.rs` only
+//! hands libFuzzer's input to one, so that `replay` runs a kept crash input exactly as its
+//! target did, in a plain `cargo test` (tests/reproducers.rs).
 //!
 //! Every check `panic!`s with a message naming the broken invariant: libFuzzer reports a panic
 //! as a crash and saves the input. Nothing here touches the kernel.
+
+pub mod annotations;
+pub mod cni_config;
+pub mod plan_text;
+
+/// The fuzz targets, by the names of their `fuzz_targets/*.rs` and `artifacts-found/` dirs.
+pub const TARGETS: [&str; 3] = ["annotations", "cni_config", "plan_text"];
+
+/// Runs `data` through `target`'s body as libFuzzer would. `false`: the input never reached
+/// the body (an `annotations` input too short or not decodable, which libFuzzer skips too).
+/// Panics when the input breaks an invariant, as the target does; an unknown target panics.
+pub fn replay(target: &str, data: &[u8]) -> bool {
+    match target {
+        "annotations" => annotations::replay(data),
+        "cni_config" => {
+            cni_config::run(data);
+            true
+        }
+        "plan_text" => {
+            plan_text::run(data);
+            true
+        }
+        other => panic!("no fuzz target {other:?} (targets: {TARGETS:?})"),
+    }
+}
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use mesh_redirect::config::Mesh;

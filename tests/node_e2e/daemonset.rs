@@ -9,10 +9,11 @@
 //! from a node reset to its primary config alone, with the node's directories at the overlay's
 //! host paths (and, for k3s, an IPv6 status.hostIP): chained, repaired, captured again.
 
-use crate::common::{http_get_at, serve};
+use crate::containerd::Sandbox;
 use crate::kubelet::{Deploy, Kubelet, PodRun, log_messages};
-use crate::node::{Node, Sandbox, in_netns, say};
+use crate::node::{Node, in_netns, say};
 use crate::{MESHED, ROOT, Report, has_table, prove_capture, prove_uncaptured, types};
+use common::{http_get_at, serve};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -512,7 +513,7 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
     assert!(root_ro, "the root filesystem is read-only");
     r.ok("in force in the agent's process: CapEff = NET_ADMIN|SYS_ADMIN only, NoNewPrivs 1, seccomp filter, uid 0, read-only root");
     let log = rollout[0].log.clone();
-    crate::node::wait_for(
+    common::wait_for(
         20,
         "the capture-bypass probe to run in the container",
         || {
@@ -631,7 +632,7 @@ fn the_daemonset_as_shipped_runs_through_containerd_from_the_image_built_by_buil
             !moved.is_empty(),
             "{name}: no host path differs from deploy/'s"
         );
-        crate::common::uninstall(&node.bin_dir(), &node.conf_dir());
+        common::uninstall(&node.bin_dir(), &node.conf_dir());
         assert!(!node.bin_dir().join("mesh-redirect").exists());
         node.wait_runtime_loaded(&conflist);
         let kubelet = kubelet_for(&node, &o, host_ip);

@@ -4,10 +4,11 @@
 //! list and the visit, containerd restarted and the agent SIGKILLed mid-pass, and a soak of
 //! pod churn.
 
-use crate::common::{self, sample, unique};
+use crate::containerd::Sandbox;
 use crate::criproxy::{CriProxy, Fault};
-use crate::node::{self, METRICS_PORT, Node, Sandbox, say, wait_for};
+use crate::node::{self, METRICS_PORT, Node, say};
 use crate::{MESHED, has_table, types};
+use common::{sample, unique, wait_for};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

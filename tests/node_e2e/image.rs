@@ -3,7 +3,8 @@
 //! storage and a network config dir of the test's own; then saved as an archive that the node's
 //! containerd imports, as a registry pull would have put it there.
 
-use crate::node::{Node, run};
+use crate::node::Node;
+use common::run_cmd as run;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,7 +20,7 @@ pub struct Image {
 /// Containerfile as shipped, tagged `tag` (the manifest's `image:`, as the runtime spells it).
 pub fn build(node: &Node, tag: &str) -> Image {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    crate::common::release_bins();
+    common::release_bins();
     let _cache = BlobCache::note();
     let dir = node.dir("image-build");
     std::fs::create_dir_all(&dir).expect("image build dir");

@@ -311,7 +311,7 @@ impl Kubelet {
         // Unique per pod, as the API server's uids are (the cgroup parent and log dir use it).
         let uid = format!(
             "da3a5e70-0000-4000-8000-{:012x}",
-            crate::node::fnv(&crate::common::unique(name))
+            crate::containerd::uid48(&common::unique(name))
         );
         let meta = &d.daemonset["spec"]["template"]["metadata"];
         let strings = |v: &Value| -> HashMap<String, String> {

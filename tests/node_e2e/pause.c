@@ -1,6 +1,6 @@
 /* The pod sandbox's process, as Kubernetes' pause image runs it: hold the pod's namespaces
  * open, reap children (PID 1 of a shared PID namespace), exit cleanly on SIGINT/SIGTERM.
- * Built by tests/node_e2e.rs with `cc -static` (glibc's libc.a, from libc6-dev) into a
+ * Built by tests/node_e2e/node.rs with `cc -static` (glibc's libc.a, from libc6-dev) into a
  * one-layer OCI image, since no registry is reachable from CI. */
 #include <signal.h>
 #include <stddef.h>

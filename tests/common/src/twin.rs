@@ -5,7 +5,10 @@
 //! way in both pods: answered by the same party, on the same port, with the same original
 //! destination.
 
-use super::*;
+use crate::pod::{Pod, SUBNET4, conflist};
+use crate::probe::{APP, Ident, ROOT, connect, serve, udp};
+use crate::sys::{Proc, TempDir, write_file};
+use serde_json::json;
 
 /// A mesh's stand-in proxy: its uid/gid and the ports it listens on.
 #[derive(Clone, Copy, Debug)]
@@ -67,7 +70,7 @@ pub fn outcome(pod: &Pod, probe: &Probe) -> String {
             };
         }
     };
-    super::vm::describe(res)
+    crate::vm::describe(res)
 }
 
 /// A pod attached by the reference plugins alone (no mesh-redirect), on the same subnets.

@@ -3,8 +3,6 @@
 //! `runtimeConfig`, the `CNI_*` environment, DEL in reverse with the cached result).
 //! Shared by the tests and `examples/cnitool.rs`.
 
-#![allow(dead_code)]
-
 use serde_json::{Map, Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -167,12 +165,20 @@ impl Runtime {
 
     /// ADD through the whole list; returns the final result.
     pub fn add(&self, list: &Value, att: &Attachment) -> Result<Value, PluginError> {
+        Ok(self.add_each(list, att)?.pop().unwrap_or(Value::Null))
+    }
+
+    /// ADD through the whole list; returns each plugin's result, in the list's order (Null
+    /// for one that printed none).
+    pub fn add_each(&self, list: &Value, att: &Attachment) -> Result<Vec<Value>, PluginError> {
         let mut prev: Option<Value> = None;
+        let mut results = Vec::new();
         for entry in Self::plugins(list) {
             let conf = Self::plugin_conf(list, &entry, prev.as_ref(), att);
             prev = self.exec("ADD", &conf, att)?;
+            results.push(prev.clone().unwrap_or(Value::Null));
         }
-        Ok(prev.unwrap_or(Value::Null))
+        Ok(results)
     }
 
     /// CHECK through the list with the cached ADD result.

@@ -10,26 +10,20 @@
 //! is built here (a static pause binary) since no registry is reachable. Everything is removed
 //! on drop, also on failure. `scripts/node-e2e.sh` runs it alone with the report visible.
 
-mod common;
-#[path = "node_e2e/cri.rs"]
+mod containerd;
 mod cri;
-#[path = "node_e2e/criproxy.rs"]
 mod criproxy;
-#[path = "node_e2e/daemonset.rs"]
 mod daemonset;
-#[path = "node_e2e/hostile.rs"]
 mod hostile;
-#[path = "node_e2e/image.rs"]
 mod image;
-#[path = "node_e2e/kubelet.rs"]
 mod kubelet;
-#[path = "node_e2e/kustomize.rs"]
 mod kustomize;
-#[path = "node_e2e/node.rs"]
 mod node;
+mod prometheus;
 
 use common::{APP, PROXY, ROOT, STATUS, assert_answer, connect, hp, serve};
-use node::{GATEWAY, IMAGE, NETWORK, Node, OTHER, Sandbox, in_netns, list_dir, say, tables};
+use containerd::{IMAGE, Sandbox};
+use node::{GATEWAY, NETWORK, Node, OTHER, in_netns, list_dir, say, tables};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Instant;
@@ -502,7 +496,7 @@ fn containerd_runs_kubelet_pods_through_the_installed_chain_and_they_are_capture
 /// Istio's `istio-validation` init container, as the kubelet runs (and retries) it in a pod:
 /// exit code 0 or 126.
 fn istio_validation(pod: &Sandbox) -> i32 {
-    std::process::Command::new(common::PROBE)
+    std::process::Command::new(common::probe())
         .args(["--netns", &pod.netns, "--gid", "1337", "--uid", "1337"])
         .args(["validate", "istio"])
         .output()
@@ -615,33 +609,58 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     );
     r.ok("the agent reported bad-0's annotation and value in its log");
 
-    r.step("someone deletes a table, then changes one: back within one period (1 s)");
+    r.step("someone deletes a table, then changes one: back by the next pass (every 1 s)");
+    // The agent checks every pod in each pass and sleeps one period between passes. The pass
+    // under way when the table changed may have looked at web-b already, so the one after it
+    // repairs it: the second pass at the latest (counted), within a period plus two passes'
+    // time. A pass over these six pods takes milliseconds (durationMs in the agent's log), so
+    // two periods bound that with most of a period to spare; and since the flush comes right
+    // after the first repair, its repair waits a whole period, so an agent that passed less
+    // often than every period could not meet the bound there.
+    let period = node::RECONCILE_PERIOD;
+    let passes = || {
+        node.installer()
+            .value(r#"mesh_redirect_reconcile_passes_total{result="ok"}"#)
+    };
+    let back_by_the_next_pass = |what: &str, changed: Instant, before: f64| {
+        let took = changed.elapsed();
+        let passes = passes() - before;
+        assert!(
+            took <= 2 * period,
+            "{what} after {took:?}: more than a period and two passes ({:?})",
+            2 * period
+        );
+        assert!(
+            passes <= 2.0,
+            "{what} after {passes} passes: the pass after the one under way must repair it"
+        );
+        r.ok(&format!(
+            "{what} after {:.0} ms, {passes} pass(es) later (period {period:?})",
+            took.as_secs_f64() * 1e3
+        ));
+    };
+    let before = passes();
     in_netns(
         &web_b.netns,
         &["nft", "delete", "table", "inet", "mesh_redirect"],
     );
     let t = Instant::now();
-    node::wait_for(5, "web-b's table back", || has_table(&web_b.netns));
-    r.ok(&format!(
-        "web-b's table back after {:.0} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    ));
+    common::wait_for(5, "web-b's table back", || has_table(&web_b.netns));
+    back_by_the_next_pass("web-b's table back", t, before);
+    let before = passes();
     in_netns(
         &web_b.netns,
         &["nft", "flush", "chain", "inet", "mesh_redirect", "outbound"],
     );
     let t = Instant::now();
-    node::wait_for(5, "web-b's outbound rules back", || {
+    common::wait_for(5, "web-b's outbound rules back", || {
         in_netns(
             &web_b.netns,
             &["nft", "list", "chain", "inet", "mesh_redirect", "outbound"],
         )
         .contains("redirect to :15001")
     });
-    r.ok(&format!(
-        "web-b's flushed outbound chain back after {:.0} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    ));
+    back_by_the_next_pass("web-b's flushed outbound chain back", t, before);
     let repairs = agent_lines(&node, "repaired a pod");
     assert!(
         repairs
@@ -652,7 +671,10 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     prove_capture(&r, &node, &web_b);
 
     r.step("a real Prometheus scrapes the agent: pods started now, and the repairs so far");
-    let prom = node::Prometheus::start(&node);
+    let prom = prometheus::Prometheus::start(&node);
+    // Its first scrape before the pods start: it sees their ADDs and DEL happen, so rates over
+    // them (the dashboard's duration panels) have something to say.
+    prom.wait(r#"up{job="mesh-redirect"}"#, 1.0);
     let web_c = node
         .run_pod(node.pod_config("web-c", "default", MESHED, true))
         .unwrap_or_else(|e| panic!("RunPodSandbox web-c: {e}"));
@@ -721,8 +743,12 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     let p50 = prom
         .query(r#"histogram_quantile(0.5, rate(mesh_redirect_plugin_duration_seconds_bucket{command="ADD"}[1m]))"#)
         .or_else(|| prom.query(r#"histogram_quantile(0.5, mesh_redirect_plugin_duration_seconds_bucket{command="ADD"})"#));
+    // Three ADDs were observed: their median is a duration (NaN: the buckets say nothing).
+    let p50 = p50
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or_else(|| panic!("Prometheus: no ADD duration p50 from the histogram: {p50:?}"));
     r.ok(&format!(
-        "Prometheus: ADD duration p50 from the histogram: {p50:?} s"
+        "Prometheus: ADD duration p50 from the histogram: {p50} s"
     ));
     let (_, text) = common::http_get_in(&node.ns.path(), node::METRICS_PORT, "/metrics")
         .expect("the agent's /metrics");
@@ -750,20 +776,38 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
         .expect("deploy/grafana-dashboard.json"),
     )
     .expect("the dashboard is JSON");
+    // Every panel, also those inside rows (a collapsed row holds its panels).
+    fn panels(list: &Value) -> Vec<&Value> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| std::iter::once(p).chain(panels(&p["panels"])))
+            .collect()
+    }
     let mut queries = 0;
-    for panel in dash["panels"].as_array().expect("panels") {
+    for panel in panels(&dash["panels"]) {
         for t in panel["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().expect("expr");
             let q = expr
                 .replace("$__rate_interval", "1m")
                 .replace("$instance", ".*");
-            // rate() and increase() need two scrapes in their window: retry a few seconds.
+            // A series whose value is NaN is no data (a quantile of nothing, a rate of one
+            // sample). rate() and increase() need two scrapes in their window: retry a few
+            // seconds.
+            let has_data = |r: &[Value]| {
+                r.iter().any(|s| {
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(|v| !v.is_nan())
+                })
+            };
             let deadline = Instant::now() + std::time::Duration::from_secs(15);
             let result = loop {
                 let r = prom
                     .instant(&q)
                     .unwrap_or_else(|e| panic!("dashboard panel {:?}: {q}: {e}", panel["title"]));
-                if !r.is_empty() || Instant::now() > deadline {
+                if has_data(&r) || Instant::now() > deadline {
                     break r;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(250));
@@ -773,11 +817,20 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
                 "dashboard panel {:?}: {q}: no series",
                 panel["title"]
             );
+            assert!(
+                has_data(&result),
+                "dashboard panel {:?}: {q}: no series with a value: {result:?}",
+                panel["title"]
+            );
             queries += 1;
         }
     }
+    assert!(
+        queries > 0,
+        "deploy/grafana-dashboard.json: no panel query found"
+    );
     r.ok(&format!(
-        "deploy/grafana-dashboard.json: all {queries} panel queries run in Prometheus and return series"
+        "deploy/grafana-dashboard.json: all {queries} panel queries run in Prometheus and return series with values"
     ));
     r.ok(&format!(
         "promtool check metrics passes on the scraped text ({} lines)",
@@ -791,7 +844,7 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     let sock = node.socket();
     let hidden = sock.with_extension("hidden");
     std::fs::rename(&sock, &hidden).unwrap();
-    node::wait_for(5, "not ready without the runtime", || {
+    common::wait_for(5, "not ready without the runtime", || {
         node.installer()
             .get("/readyz")
             .is_some_and(|(c, b)| c == 503 && b.contains("cannot reconcile"))
@@ -804,11 +857,11 @@ fn pods_started_before_the_agent_are_repaired_in_place_through_the_cri() {
     // sandbox is still listed: passes go on.
     node.remove_pod(&plain);
     common::run(&["umount", &web_a.netns]);
-    node::wait_for(5, "the agent to report web-a", || {
+    common::wait_for(5, "the agent to report web-a", || {
         !agent_lines(&node, "cannot check a pod").is_empty()
     });
     // A meshed pod it cannot check is a pod possibly uncaptured: not ready, and says which.
-    node::wait_for(5, "not ready, naming web-a", || {
+    common::wait_for(5, "not ready, naming web-a", || {
         node.installer().get("/readyz").is_some_and(|(c, b)| {
             c == 503 && b.contains("1 meshed pod(s) not captured or not checked: default/web-a")
         })

@@ -4,7 +4,9 @@
 //! node routes the VM's subnet back through the pod. Everything is inside namespaces the test
 //! made.
 
-use super::*;
+use crate::netns::Netns;
+use crate::pod::Pod;
+use crate::probe::{ROOT, answer, connect};
 
 pub struct Vm {
     pub ns: Netns,
