@@ -13,6 +13,7 @@
 #   profile   where one ADD spends its time
 #   churn     ADD while other pods are being DELeted, against quiet ADDs, and which kind of
 #             nf_tables destroy work this kernel has (per namespace, or one global item)
+#   (always)  summary.md: the headline figures of the run, read back from its JSON files
 # Prints Markdown tables, and writes them with the raw numbers (CSV, JSON) to
 # bench-results/<UTC time>/ (bench-results/latest points to the last run).
 #
@@ -193,6 +194,10 @@ if [ "$rcu" = 1 ]; then
     echo "bench.sh: $rcu_file is not writable here; skipping --rcu-expedited" >&2
   fi
 fi
+
+# The headline figures, read back from this run's JSON files: what README and
+# docs/PERFORMANCE.md quote.
+"$drv" summary --plugin "$plugin" --out "$out" --prefix "$prefix" | tee -a "$md" || status=1
 
 if [ "$smoke" = 1 ]; then
   # The smoke run asserts only that every section ran and produced its table and files.

@@ -9,6 +9,9 @@
 //!   policy    latency vs. number of excluded CIDRs / ports
 //!   datapath  new-connection latency and rate through the redirect, loopback in a pod netns
 //!   profile   where an ADD spends its time (in-process phases, exec floors, syscalls)
+//!   variants  ADD by mesh, event socket and build
+//!   churn     ADD while other pods are being deleted
+//!   summary   the headline figures, read back from the JSON files in DIR (summary.md)
 //!
 //! Every network namespace it makes is `ip netns add PREFIX-N`, deleted when done (bench.sh
 //! also deletes any `PREFIX-*` left behind). It never touches the caller's own namespace.
@@ -29,6 +32,7 @@ mod policy;
 mod profile;
 mod spawn;
 mod stats;
+mod summary;
 mod variants;
 
 use crate::add::section_add;
@@ -38,6 +42,7 @@ use crate::datapath::section_datapath;
 use crate::policy::section_policy;
 use crate::profile::section_profile;
 use crate::spawn::FORK_MODE;
+use crate::summary::section_summary;
 use crate::variants::section_variants;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -151,6 +156,7 @@ fn main() -> ExitCode {
         "datapath" => section_datapath(&o),
         "profile" => section_profile(&o),
         "churn" => section_churn(&o),
+        "summary" => section_summary(&o),
         s => {
             eprintln!("bench: unknown section {s}");
             return ExitCode::from(2);
