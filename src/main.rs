@@ -7,7 +7,8 @@
 //! (docs/PERFORMANCE.md). Arguments and the environment need no start-up (glibc hands them to
 //! std). `SIGPIPE` keeps its default, as for C tools: a reader that went away ends the
 //! process; the event socket is written with `MSG_NOSIGNAL`.
-#![no_main]
+// Under `cargo test` the test harness brings its own `main`.
+#![cfg_attr(not(test), no_main)]
 #![deny(unsafe_code)]
 
 use mesh_redirect::{cli, plugin, protocol};
@@ -19,7 +20,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 // signature the C runtime calls; neither argument is read. This exported name is the one
 // `unsafe` item outside the FFI module.
 #[allow(unsafe_code)]
-#[unsafe(no_mangle)]
+#[cfg_attr(not(test), unsafe(no_mangle))]
+#[cfg_attr(test, allow(dead_code))]
 extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     let status = if std::env::var_os("CNI_COMMAND").is_some() {
         cni_main()
